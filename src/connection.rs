@@ -1,0 +1,127 @@
+//! Line framing over one TCP stream.
+//!
+//! Reads and writes are buffered with fixed capacities, and replies are
+//! flushed only when no complete request is left to read. A peer that
+//! pipelines without reading its replies fills the socket, our writes then
+//! wait, and we stop reading: back-pressure instead of unbounded buffers.
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+const READ_BUFFER: usize = 64 * 1024;
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// What [`Connection::read_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A complete line, without its `\n` (and `\r`), in [`Connection::line`].
+    Line,
+    /// The peer closed the connection (any partial line is dropped).
+    Closed,
+    /// The line grew past the limit; the connection cannot be resynchronised.
+    TooLarge,
+}
+
+pub struct Connection {
+    reader: BufReader<OwnedReadHalf>,
+    writer: BufWriter<OwnedWriteHalf>,
+    line: Vec<u8>,
+    max_line: usize,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream, max_line: usize) -> Self {
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        Self {
+            reader: BufReader::with_capacity(READ_BUFFER, r),
+            writer: BufWriter::with_capacity(WRITE_BUFFER, w),
+            line: Vec::new(),
+            max_line,
+        }
+    }
+
+    /// The last line read.
+    pub fn line(&self) -> &[u8] {
+        &self.line
+    }
+
+    /// Reads the next line. Cancel-safe between calls: bytes already taken
+    /// from the socket stay in `self.line`.
+    pub async fn read_line(&mut self) -> std::io::Result<Frame> {
+        self.line.clear();
+        loop {
+            if !self.has_buffered_line() {
+                // We are about to wait for the peer: it must have every reply first.
+                self.writer.flush().await?;
+            }
+            let buf = self.reader.fill_buf().await?;
+            if buf.is_empty() {
+                return Ok(Frame::Closed);
+            }
+            match memchr::memchr(b'\n', buf) {
+                Some(i) => {
+                    if self.line.len() + i > self.max_line {
+                        return Ok(Frame::TooLarge);
+                    }
+                    self.line.extend_from_slice(&buf[..i]);
+                    self.reader.consume(i + 1);
+                    if self.line.last() == Some(&b'\r') {
+                        self.line.pop();
+                    }
+                    return Ok(Frame::Line);
+                }
+                None => {
+                    let n = buf.len();
+                    if self.line.len() + n > self.max_line {
+                        return Ok(Frame::TooLarge);
+                    }
+                    self.line.extend_from_slice(buf);
+                    self.reader.consume(n);
+                }
+            }
+        }
+    }
+
+    /// Whether a complete request is already buffered (no socket read needed).
+    pub fn has_buffered_line(&self) -> bool {
+        memchr::memchr(b'\n', self.reader.buffer()).is_some()
+    }
+
+    /// Queues bytes for the peer; they are sent when the buffer fills or by
+    /// the next flush.
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes).await
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush().await
+    }
+
+    /// Reads and drops input for up to `limit`, until the peer closes.
+    ///
+    /// Closing a socket with unread input makes the kernel send a reset,
+    /// which can destroy the reply the peer has not read yet; draining
+    /// first lets a final error reply arrive.
+    pub async fn discard_input(&mut self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                match self.reader.fill_buf().await {
+                    Ok([]) | Err(_) => return,
+                    Ok(buf) => {
+                        let n = buf.len();
+                        self.reader.consume(n);
+                    }
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Flushes and half-closes the write side so the peer sees a clean EOF.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.writer.flush().await?;
+        self.writer.shutdown().await
+    }
+}

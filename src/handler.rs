@@ -1,0 +1,124 @@
+//! Turns one request line into one reply line: decode, execute against
+//! storage, encode. No sockets here, so benchmarks drive exactly the code
+//! that serves peers.
+
+use crate::protocol::{self, FailReason, Failure, Outcome, Request};
+use crate::storage::Storage;
+use crate::telemetry::MessageMetrics;
+
+/// Message handling shared by every connection.
+pub struct Handler<S> {
+    storage: S,
+    metrics: MessageMetrics,
+}
+
+impl<S: Storage> Handler<S> {
+    /// Creates the message metric handles against the recorder installed now.
+    pub fn new(storage: S) -> Self {
+        Self {
+            storage,
+            metrics: MessageMetrics::new(),
+        }
+    }
+
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// Handles one complete line and appends its reply to `out`.
+    pub async fn handle(&self, line: &[u8], out: &mut Vec<u8>) {
+        let start = quanta::Instant::now();
+        self.metrics.received.increment(1);
+        let (id, request) = protocol::decode(line);
+        let outcome = match request {
+            Ok(request) => self.execute(request).await,
+            Err(failure) => Outcome::Failed(failure),
+        };
+        if let Outcome::Failed(f) = &outcome {
+            self.metrics.failed(f.reason).increment(1);
+        }
+        protocol::encode(out, id, &outcome);
+        self.metrics.duration.record(start.elapsed());
+    }
+
+    /// Appends the reply for a line longer than the limit, which is counted
+    /// like any other failed message.
+    pub fn too_large(&self, limit: usize, out: &mut Vec<u8>) {
+        let start = quanta::Instant::now();
+        self.metrics.received.increment(1);
+        self.metrics.failed(FailReason::TooLarge).increment(1);
+        let failure = Failure::new(
+            FailReason::TooLarge,
+            format!("message exceeds network.max_message_bytes ({limit} bytes); closing connection"),
+        );
+        protocol::encode(out, None, &Outcome::Failed(failure));
+        self.metrics.duration.record(start.elapsed());
+    }
+
+    async fn execute(&self, request: Request) -> Outcome {
+        let result = match request {
+            Request::Ping => return Outcome::Ok,
+            Request::Get { key } => self.storage.get(&key).await.map(Outcome::Value),
+            Request::Put { key, value } => self.storage.put(&key, &value).await.map(|()| Outcome::Ok),
+            Request::Delete { key } => self.storage.delete(&key).await.map(Outcome::Deleted),
+        };
+        result.unwrap_or_else(|e| Outcome::Failed(Failure::new(FailReason::Storage, e.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Instrumented, LocalStore};
+    use crate::telemetry::defs::{
+        MESSAGES_FAILED_TOTAL, MESSAGES_RECEIVED_TOTAL, MESSAGE_PROCESSING_DURATION_SECONDS,
+        STORAGE_OPERATIONS_TOTAL,
+    };
+    use crate::test_support::{counter, histogram_count};
+    use metrics_util::debugging::DebuggingRecorder;
+
+    #[tokio::test]
+    async fn records_every_message_and_failure_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("db")).await.unwrap();
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let handler = metrics::with_local_recorder(&recorder, || Handler::new(Instrumented::new(store)));
+
+        let lines: &[&[u8]] = &[
+            br#"{"id":1,"op":"put","key":"a","value":"1"}"#,
+            br#"{"id":2,"op":"get","key":"a"}"#,
+            br#"{"id":3,"op":"delete","key":"a"}"#,
+            br#"{"op":"ping"}"#,
+            b"garbage",
+            b"[]",
+            br#"{"op":"nope"}"#,
+        ];
+        let mut out = Vec::new();
+        for line in lines {
+            handler.handle(line, &mut out).await;
+        }
+        handler.too_large(10, &mut out);
+        let replies = String::from_utf8(out).unwrap();
+        let replies: Vec<&str> = replies.lines().collect();
+        assert_eq!(replies[0], r#"{"id":1,"ok":true}"#);
+        assert_eq!(replies[1], r#"{"id":2,"ok":true,"value":"1"}"#);
+        assert_eq!(replies[2], r#"{"id":3,"ok":true,"deleted":true}"#);
+        assert_eq!(replies.len(), 8);
+
+        let snap = snapshotter.snapshot().into_vec();
+        assert_eq!(counter(&snap, MESSAGES_RECEIVED_TOTAL, &[]), 8);
+        assert_eq!(histogram_count(&snap, MESSAGE_PROCESSING_DURATION_SECONDS, &[]), 8);
+        for (reason, n) in [("parse", 1), ("invalid", 1), ("unknown_op", 1), ("too_large", 1), ("storage", 0)] {
+            assert_eq!(counter(&snap, MESSAGES_FAILED_TOTAL, &[("reason", reason)]), n, "{reason}");
+        }
+        for op in ["get", "put", "delete"] {
+            assert_eq!(
+                counter(&snap, STORAGE_OPERATIONS_TOTAL, &[("operation", op), ("backend", "local")]),
+                1,
+                "{op}"
+            );
+        }
+        handler.storage().close().await;
+    }
+}

@@ -1,0 +1,24 @@
+//! The node agent: keeps peer connections, answers their messages, stores
+//! data locally (redb) or in Redis, and exposes its health as metrics.
+//!
+//! Where to start:
+//! - [`app`]: startup and graceful shutdown, wiring everything below.
+//! - [`config`]: defaults, YAML file and `AGENT_*` environment, validated.
+//! - [`server`], [`connection`], [`handler`], [`protocol`]: the peer protocol
+//!   from socket to reply.
+//! - [`peers`]: peer accounting and outbound peers.
+//! - [`storage`]: the `Storage` trait, its backends and the metrics wrapper.
+//! - [`telemetry`]: every metric's definition, exporter setup, `/metrics`.
+
+pub mod app;
+pub mod config;
+pub mod connection;
+pub mod handler;
+pub mod peers;
+pub mod protocol;
+pub mod server;
+pub mod storage;
+pub mod telemetry;
+
+#[cfg(test)]
+pub(crate) mod test_support;

@@ -1,0 +1,101 @@
+//! The peer listener: accepts connections, enforces the connection limit,
+//! and serves each connection in its own task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connection::{Connection, Frame};
+use crate::handler::Handler;
+use crate::peers::Peers;
+use crate::storage::Storage;
+
+/// How long a closing connection may take to deliver its last replies.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
+/// How long input is drained after a too-large message before closing.
+const TOO_LARGE_DRAIN: Duration = Duration::from_secs(1);
+
+pub struct Server<S> {
+    pub listener: TcpListener,
+    pub handler: Arc<Handler<S>>,
+    pub peers: Peers,
+    pub max_connections: usize,
+    pub max_line: usize,
+}
+
+impl<S: Storage> Server<S> {
+    /// Accepts until `cancel` fires; connection tasks join `tracker`.
+    pub async fn run(self, tracker: TaskTracker, cancel: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.max_connections));
+        loop {
+            let (stream, remote) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "peer listener: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                self.peers.rejected();
+                tracing::debug!(%remote, "network.max_connections reached; closing connection");
+                continue;
+            };
+            let handler = Arc::clone(&self.handler);
+            let peers = self.peers.clone();
+            let cancel = cancel.clone();
+            let max_line = self.max_line;
+            tracker.spawn(async move {
+                let _guard = peers.connected();
+                serve(stream, &handler, max_line, &cancel).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// Serves one connection: one reply per request line, in order.
+async fn serve<S: Storage>(stream: TcpStream, handler: &Handler<S>, max_line: usize, cancel: &CancellationToken) {
+    let mut conn = Connection::new(stream, max_line);
+    let mut out = Vec::with_capacity(256);
+    loop {
+        // At shutdown, requests already received are answered; nothing more is read.
+        if cancel.is_cancelled() && !conn.has_buffered_line() {
+            break;
+        }
+        let frame = tokio::select! {
+            biased;
+            frame = conn.read_line() => frame,
+            _ = cancel.cancelled() => break,
+        };
+        out.clear();
+        match frame {
+            Ok(Frame::Line) => {
+                if conn.line().iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                handler.handle(conn.line(), &mut out).await;
+            }
+            Ok(Frame::Closed) | Err(_) => return,
+            Ok(Frame::TooLarge) => {
+                handler.too_large(max_line, &mut out);
+                let _ = conn.write(&out).await;
+                let _ = tokio::time::timeout(FINAL_FLUSH, conn.shutdown()).await;
+                conn.discard_input(TOO_LARGE_DRAIN).await;
+                return;
+            }
+        }
+        if conn.write(&out).await.is_err() {
+            return;
+        }
+    }
+    let _ = tokio::time::timeout(FINAL_FLUSH, conn.shutdown()).await;
+}

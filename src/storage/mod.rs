@@ -1,0 +1,97 @@
+//! Key-value storage behind one async trait, with two backends and one
+//! instrumentation wrapper.
+//!
+//! The agent holds an `Instrumented<AnyBackend>`: the wrapper records the
+//! storage metrics for whatever backend it wraps, so a new backend is
+//! measured the same way without a line of metrics code of its own.
+
+mod instrumented;
+mod local;
+mod redis;
+
+use std::future::Future;
+
+pub use self::instrumented::Instrumented;
+pub use self::local::LocalStore;
+pub use self::redis::RedisStore;
+
+use crate::config::{BackendKind, StorageConfig};
+
+/// Why a storage operation failed. The text is sent to the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage failed: {0}")]
+    Backend(String),
+}
+
+/// An async key-value store. Keys are 1 to 1024 bytes of UTF-8 (the protocol
+/// checks that), values are UTF-8 strings.
+pub trait Storage: Send + Sync + 'static {
+    /// The `backend` metric label.
+    fn backend(&self) -> BackendKind;
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<String>, StorageError>> + Send;
+    fn put(&self, key: &str, value: &str) -> impl Future<Output = Result<(), StorageError>> + Send;
+    /// Returns whether the key existed.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<bool, StorageError>> + Send;
+    /// Flushes and releases the backend; called once at shutdown.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// The backend chosen by `storage.backend`, as one concrete type so the hot
+/// path needs no dynamic dispatch or boxed futures.
+pub enum AnyBackend {
+    Local(LocalStore),
+    Redis(RedisStore),
+}
+
+impl AnyBackend {
+    /// Opens the configured backend. A local database that cannot be opened
+    /// is fatal; an unreachable Redis is not (it is retried per operation).
+    pub async fn open(cfg: &StorageConfig) -> Result<Self, StorageError> {
+        match cfg.backend {
+            BackendKind::Local => Ok(AnyBackend::Local(LocalStore::open(&cfg.local.path).await?)),
+            BackendKind::Redis => Ok(AnyBackend::Redis(RedisStore::open(&cfg.redis).await?)),
+        }
+    }
+}
+
+impl Storage for AnyBackend {
+    fn backend(&self) -> BackendKind {
+        match self {
+            AnyBackend::Local(s) => s.backend(),
+            AnyBackend::Redis(s) => s.backend(),
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {
+        match self {
+            AnyBackend::Local(s) => s.get(key).await,
+            AnyBackend::Redis(s) => s.get(key).await,
+        }
+    }
+
+    async fn put(&self, key: &str, value: &str) -> Result<(), StorageError> {
+        match self {
+            AnyBackend::Local(s) => s.put(key, value).await,
+            AnyBackend::Redis(s) => s.put(key, value).await,
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StorageError> {
+        match self {
+            AnyBackend::Local(s) => s.delete(key).await,
+            AnyBackend::Redis(s) => s.delete(key).await,
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            AnyBackend::Local(s) => s.close().await,
+            AnyBackend::Redis(s) => s.close().await,
+        }
+    }
+}
