@@ -24,3 +24,448 @@ pub fn require_bin(name: &str) -> Option<PathBuf> {
         }
     }
 }
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Generous bound for anything a test waits on: a loaded 2-core CI machine
+/// can be slow, and a wait ends as soon as its condition holds.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Polls `cond` until it holds or `WAIT` passes; returns whether it held.
+pub fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// The real `agent` binary, running with its own ports and data directory.
+pub struct Agent {
+    child: Option<Child>,
+    pub peer_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub dir: Arc<tempfile::TempDir>,
+    log: Arc<Mutex<String>>,
+}
+
+/// How to start an agent. Settings are passed as `AGENT_*` environment
+/// variables, the same mechanism operators use.
+pub struct AgentOptions {
+    pub env: Vec<(String, String)>,
+    /// Reuse this data directory (restart tests); a fresh one otherwise.
+    pub dir: Option<Arc<tempfile::TempDir>>,
+    pub peer_port: Option<u16>,
+    pub metrics_port: Option<u16>,
+    /// Wait for the "agent ready" log line.
+    pub wait_ready: bool,
+    pub args: Vec<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            env: Vec::new(),
+            dir: None,
+            peer_port: None,
+            metrics_port: None,
+            wait_ready: true,
+            args: Vec::new(),
+        }
+    }
+}
+
+impl AgentOptions {
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+}
+
+impl Agent {
+    /// Starts an agent on the local backend with metrics on.
+    pub fn start() -> Agent {
+        Self::start_with(AgentOptions::default())
+    }
+
+    pub fn start_with(opts: AgentOptions) -> Agent {
+        let dir = opts
+            .dir
+            .clone()
+            .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("tempdir")));
+        let peer_port = opts.peer_port.unwrap_or_else(free_port);
+        let metrics_port = opts.metrics_port.unwrap_or_else(free_port);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+        cmd.args(&opts.args)
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .env("AGENT_NETWORK__LISTEN", format!("127.0.0.1:{peer_port}"))
+            .env("AGENT_METRICS__ADDRESS", "127.0.0.1")
+            .env("AGENT_METRICS__PORT", metrics_port.to_string())
+            .env("AGENT_STORAGE__LOCAL__PATH", dir.path().join("agent.db"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn agent binary");
+        let log = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let mut agent = Agent {
+            child: Some(child),
+            peer_addr: format!("127.0.0.1:{peer_port}").parse().unwrap(),
+            metrics_addr: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
+            dir,
+            log,
+        };
+        if opts.wait_ready {
+            agent.wait_for_log("agent ready");
+        }
+        agent
+    }
+
+    /// Everything the agent printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for `needle` in the output; panics with the output if the agent
+    /// exits or it never appears.
+    pub fn wait_for_log(&mut self, needle: &str) {
+        let ok = wait_until(|| {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                // Give the reader threads a moment to collect the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("agent exited ({status}) before logging {needle:?}:\n{}", self.log());
+            }
+            false
+        });
+        assert!(ok, "agent never logged {needle:?}:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("agent running")
+    }
+
+    pub fn connect(&self) -> Peer {
+        Peer::connect(self.peer_addr)
+    }
+
+    /// GET on the metrics endpoint: (status, headers, body).
+    pub fn http_get(&self, path: &str) -> HttpResponse {
+        http_get(self.metrics_addr, path)
+    }
+
+    /// The metrics page, asserting 200.
+    pub fn scrape(&self) -> String {
+        let resp = self.http_get("/metrics");
+        assert_eq!(resp.status, 200, "scrape failed: {resp:?}");
+        resp.body
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.pid() as i32;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.wait_exit()
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                std::thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent did not exit:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs the binary to completion (for config errors, check-config).
+pub fn run_agent(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+    cmd.args(args).current_dir(dir).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run agent");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A peer connection speaking the line protocol.
+pub struct Peer {
+    pub reader: BufReader<TcpStream>,
+    pub writer: TcpStream,
+}
+
+impl Peer {
+    pub fn connect(addr: SocketAddr) -> Peer {
+        let stream = TcpStream::connect(addr).expect("connect to agent");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let writer = stream.try_clone().unwrap();
+        Peer {
+            reader: BufReader::new(stream),
+            writer,
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("write to agent");
+    }
+
+    /// Reads one reply line (without the newline); None on EOF.
+    pub fn read_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(line.trim_end_matches('\n').to_string()),
+            Err(e) => panic!("reading reply: {e}"),
+        }
+    }
+
+    /// Sends one request line and returns its reply.
+    pub fn request(&mut self, line: &str) -> String {
+        self.send_raw(format!("{line}\n").as_bytes());
+        self.read_line().expect("agent closed the connection")
+    }
+
+    /// Sends a request and parses the reply as JSON.
+    pub fn call(&mut self, req: serde_json::Value) -> serde_json::Value {
+        let reply = self.request(&req.to_string());
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?} is not JSON: {e}"))
+    }
+
+    pub fn put(&mut self, key: &str, value: &str) -> serde_json::Value {
+        self.call(serde_json::json!({"op": "put", "key": key, "value": value}))
+    }
+
+    pub fn get(&mut self, key: &str) -> serde_json::Value {
+        self.call(serde_json::json!({"op": "get", "key": key}))
+    }
+
+    pub fn delete(&mut self, key: &str) -> serde_json::Value {
+        self.call(serde_json::json!({"op": "delete", "key": key}))
+    }
+
+    /// Closes with a TCP reset instead of a FIN.
+    pub fn reset(self) {
+        linger_zero(&self.writer);
+        drop(self);
+    }
+}
+
+/// Sets SO_LINGER to 0 so that closing sends RST.
+fn linger_zero(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid socket fd and a properly sized linger struct.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 GET with `Connection: close`.
+pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read HTTP response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// Reads one sample's value from exposition text: `name{labels} value`.
+/// Labels must match exactly (order as the exporter renders them does not
+/// matter). Format validity is promtool's job; this only reads numbers.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, got) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let mut got: Vec<String> = rest
+                    .trim_end_matches('}')
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                got.sort();
+                (n, got)
+            }
+            None => (series, Vec::new()),
+        };
+        (n == name && got == want).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// A real `redis-server` on a free port, owned by the test.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// None (with a printed reason) when redis-server is missing outside CI.
+    pub fn start() -> Option<RedisServer> {
+        let bin = require_bin("redis-server")?;
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            bin,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        server.restart();
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it answers PING.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new(&self.bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(wait_until(|| redis_ping(port)), "redis-server did not come up on {port}");
+    }
+
+    /// Kills the server and waits until its port refuses connections.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let port = self.port;
+        assert!(wait_until(|| TcpStream::connect(("127.0.0.1", port)).is_err()));
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
