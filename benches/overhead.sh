@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Metrics on versus off, end to end: runs the release agent alternately with
+# metrics enabled and disabled on the same data, saturates it with the load
+# generator, and prints the median ratios (on / off) of throughput and of the
+# agent's CPU time per message (utime+stime from /proc/<pid>/stat).
+#
+#   benches/overhead.sh [--backend local|redis] [--rounds 5] [--messages 1000000]
+#                       [--peers 16] [--mix get=90,put=10,delete=0] [--keys 10000]
+#
+# With taskset available the agent is pinned to CPU 0 and the load generator
+# to CPU 1, so they do not steal each other's core and the agent saturates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+backend=local rounds=5 messages=1000000 peers=16 mix="get=90,put=10,delete=0" keys=10000
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --backend) backend=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --messages) messages=$2; shift 2 ;;
+    --peers) peers=$2; shift 2 ;;
+    --mix) mix=$2; shift 2 ;;
+    --keys) keys=$2; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+cargo build --release --quiet --bin agent --example loadgen
+agent_bin=target/release/agent
+loadgen_bin=target/release/examples/loadgen
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+pin_agent=() pin_load=()
+if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
+  pin_agent=(taskset -c 0) pin_load=(taskset -c 1)
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+export AGENT_STORAGE__BACKEND=$backend
+export AGENT_STORAGE__LOCAL__PATH=$work/agent.db
+if [ "$backend" = redis ]; then
+  rport=$(free_port)
+  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
+  pids+=($!)
+  wait_port "$rport"
+  export AGENT_STORAGE__REDIS__URL=redis://127.0.0.1:$rport/0
+fi
+peer_port=$(free_port)
+export AGENT_NETWORK__LISTEN=127.0.0.1:$peer_port
+export AGENT_METRICS__ADDRESS=127.0.0.1
+export AGENT_METRICS__PORT=$(free_port)
+export AGENT_LOG__LEVEL=warn
+tck=$(getconf CLK_TCK)
+
+start_agent() { # $1 = true|false (metrics)
+  AGENT_METRICS__ENABLED=$1 "${pin_agent[@]}" "$agent_bin" >"$work/agent.log" 2>&1 &
+  agent_pid=$!
+  pids+=("$agent_pid")
+  wait_port "$peer_port"
+}
+stop_agent() { kill -TERM "$agent_pid"; wait "$agent_pid" || true; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+echo "preloading $keys keys ($backend backend)"
+start_agent false
+"$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" --messages 1 --keys "$keys" --preload >/dev/null
+stop_agent
+
+results=$work/results
+: >"$results"
+for round in $(seq 1 "$rounds"); do
+  # Alternate which mode goes first, so drift (page cache, thermal) is shared.
+  if [ $((round % 2)) -eq 1 ]; then order="true false"; else order="false true"; fi
+  for on in $order; do
+    start_agent "$on"
+    before=$(cpu_ticks "$agent_pid")
+    out=$("${pin_load[@]}" "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" \
+          --messages "$messages" --mix "$mix" --keys "$keys")
+    after=$(cpu_ticks "$agent_pid")
+    stop_agent
+    line=$(grep '^RESULT' <<<"$out")
+    rate=$(sed -E 's/.* rate=([0-9.]+).*/\1/' <<<"$line")
+    n=$(sed -E 's/.* messages=([0-9]+).*/\1/' <<<"$line")
+    errs=$(sed -E 's/.* errors=([0-9]+).*/\1/' <<<"$line")
+    p99=$(sed -E 's/.* p99_us=([0-9]+).*/\1/' <<<"$line")
+    ns_per_msg=$(awk -v t=$((after - before)) -v hz="$tck" -v n="$n" 'BEGIN { printf "%.1f", t / hz * 1e9 / n }')
+    echo "round $round metrics=$on rate=$rate msg/s cpu=${ns_per_msg} ns/msg p99=${p99} us errors=$errs"
+    echo "$round $on $rate $ns_per_msg" >>"$results"
+  done
+done
+
+awk '
+  { key = $1; if ($2 == "true") { on_rate[key] = $3; on_cpu[key] = $4 } else { off_rate[key] = $3; off_cpu[key] = $4 } }
+  END {
+    n = 0
+    for (k in on_rate) { n++; tr[n] = on_rate[k] / off_rate[k]; cr[n] = on_cpu[k] / off_cpu[k]; ron[n] = on_rate[k]; roff[n] = off_rate[k]; con[n] = on_cpu[k]; coff[n] = off_cpu[k] }
+    printf "median throughput metrics on:  %.0f msg/s\n", median(ron, n)
+    printf "median throughput metrics off: %.0f msg/s\n", median(roff, n)
+    printf "median cpu per message on:  %.1f ns\n", median(con, n)
+    printf "median cpu per message off: %.1f ns\n", median(coff, n)
+    printf "median throughput ratio (on/off): %.4f\n", median(tr, n)
+    printf "median cpu-per-message ratio (on/off): %.4f\n", median(cr, n)
+  }
+  function median(a, n,   i, j, t) {
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+  }' "$results"

@@ -1,0 +1,254 @@
+//! Load generator: saturates an agent with pipelined requests from many
+//! peers and reports throughput and latency.
+//!
+//! ```text
+//! cargo run --release --example loadgen -- --addr 127.0.0.1:7070 \
+//!     --peers 16 --messages 200000 --mix get=75,put=20,delete=5
+//! ```
+//!
+//! Each peer keeps up to `--depth` requests in flight on its connection.
+//! Latency is from writing a request to reading its reply, so at saturation
+//! it includes queueing, as a real peer would see it. `--preload` first puts
+//! every key once so that gets hit. Output is one line per figure, plus a
+//! final `RESULT` line that scripts parse.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, Semaphore};
+
+#[derive(Debug, Clone)]
+struct Args {
+    addr: SocketAddr,
+    peers: usize,
+    messages: usize,
+    mix: Mix,
+    keys: usize,
+    depth: usize,
+    value_bytes: usize,
+    preload: bool,
+}
+
+/// Percentages of get, put and delete.
+#[derive(Debug, Clone, Copy)]
+struct Mix {
+    get: u32,
+    put: u32,
+    delete: u32,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: loadgen --addr HOST:PORT [--peers 16] [--messages 200000] \
+         [--mix get=75,put=20,delete=5] [--keys 10000] [--depth 64] [--value-bytes 32] [--preload]"
+    );
+    std::process::exit(2);
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        addr: "127.0.0.1:7070".parse().unwrap_or_else(|_| usage()),
+        peers: 16,
+        messages: 200_000,
+        mix: Mix { get: 75, put: 20, delete: 5 },
+        keys: 10_000,
+        depth: 64,
+        value_bytes: 32,
+        preload: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--preload" {
+            args.preload = true;
+            continue;
+        }
+        let value = it.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--addr" => args.addr = value.parse().unwrap_or_else(|_| usage()),
+            "--peers" => args.peers = value.parse().unwrap_or_else(|_| usage()),
+            "--messages" => args.messages = value.parse().unwrap_or_else(|_| usage()),
+            "--keys" => args.keys = value.parse().unwrap_or_else(|_| usage()),
+            "--depth" => args.depth = value.parse().unwrap_or_else(|_| usage()),
+            "--value-bytes" => args.value_bytes = value.parse().unwrap_or_else(|_| usage()),
+            "--mix" => args.mix = parse_mix(&value).unwrap_or_else(|| usage()),
+            _ => usage(),
+        }
+    }
+    if args.peers == 0 || args.depth == 0 || args.keys == 0 {
+        usage();
+    }
+    args
+}
+
+fn parse_mix(s: &str) -> Option<Mix> {
+    let mut mix = Mix { get: 0, put: 0, delete: 0 };
+    for part in s.split(',') {
+        let (op, pct) = part.split_once('=')?;
+        let pct: u32 = pct.parse().ok()?;
+        match op {
+            "get" => mix.get = pct,
+            "put" => mix.put = pct,
+            "delete" => mix.delete = pct,
+            _ => return None,
+        }
+    }
+    (mix.get + mix.put + mix.delete == 100).then_some(mix)
+}
+
+/// xorshift: cheap, deterministic per peer, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn request(line: &mut String, rng: &mut Rng, args: &Args, seq: u64, value: &str) {
+    use std::fmt::Write;
+    line.clear();
+    let key = rng.next() % args.keys as u64;
+    let roll = (rng.next() % 100) as u32;
+    let _ = if roll < args.mix.get {
+        write!(line, "{{\"id\":{seq},\"op\":\"get\",\"key\":\"k{key}\"}}\n")
+    } else if roll < args.mix.get + args.mix.put {
+        write!(line, "{{\"id\":{seq},\"op\":\"put\",\"key\":\"k{key}\",\"value\":\"{value}\"}}\n")
+    } else {
+        write!(line, "{{\"id\":{seq},\"op\":\"delete\",\"key\":\"k{key}\"}}\n")
+    };
+}
+
+#[derive(Default)]
+struct PeerResult {
+    latencies_us: Vec<u32>,
+    errors: u64,
+}
+
+async fn run_peer(peer: usize, count: usize, args: Arc<Args>, preload: bool) -> std::io::Result<PeerResult> {
+    let stream = TcpStream::connect(args.addr).await?;
+    stream.set_nodelay(true)?;
+    let (r, w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut writer = BufWriter::new(w);
+    let window = Arc::new(Semaphore::new(args.depth));
+    let sent_at: Arc<Mutex<VecDeque<Instant>>> = Arc::new(Mutex::new(VecDeque::with_capacity(args.depth)));
+    let value = "v".repeat(args.value_bytes);
+
+    let writer_task = {
+        let (window, sent_at, args) = (Arc::clone(&window), Arc::clone(&sent_at), Arc::clone(&args));
+        tokio::spawn(async move {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (peer as u64 + 1));
+            let mut line = String::with_capacity(128);
+            for seq in 0..count as u64 {
+                let permit = window.acquire().await.map_err(std::io::Error::other)?;
+                permit.forget();
+                if preload {
+                    line.clear();
+                    line.push_str(&format!(
+                        "{{\"id\":{seq},\"op\":\"put\",\"key\":\"k{}\",\"value\":\"{value}\"}}\n",
+                        seq as usize * args.peers + peer
+                    ));
+                } else {
+                    request(&mut line, &mut rng, &args, seq, &value);
+                }
+                sent_at.lock().await.push_back(Instant::now());
+                writer.write_all(line.as_bytes()).await?;
+                // Flush when the window is full or we are done, so requests travel in batches.
+                if window.available_permits() == 0 || seq + 1 == count as u64 {
+                    writer.flush().await?;
+                }
+            }
+            writer.flush().await?;
+            Ok::<_, std::io::Error>(writer)
+        })
+    };
+
+    let mut result = PeerResult {
+        latencies_us: Vec::with_capacity(count),
+        errors: 0,
+    };
+    let mut line = String::new();
+    for _ in 0..count {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 {
+            return Err(std::io::Error::other("agent closed the connection"));
+        }
+        let sent = sent_at.lock().await.pop_front();
+        if let Some(sent) = sent {
+            result.latencies_us.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        }
+        if !line.contains("\"ok\":true") {
+            result.errors += 1;
+        }
+        window.add_permits(1);
+    }
+    let _writer = writer_task.await.map_err(std::io::Error::other)??;
+    Ok(result)
+}
+
+async fn run_phase(args: &Arc<Args>, total: usize, preload: bool) -> std::io::Result<(Duration, PeerResult)> {
+    let per_peer = total.div_ceil(args.peers);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..args.peers)
+        .map(|p| tokio::spawn(run_peer(p, per_peer, Arc::clone(args), preload)))
+        .collect();
+    let mut all = PeerResult::default();
+    for t in tasks {
+        let r = t.await.map_err(std::io::Error::other)??;
+        all.latencies_us.extend(r.latencies_us);
+        all.errors += r.errors;
+    }
+    Ok((start.elapsed(), all))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Arc::new(parse_args());
+    if args.preload {
+        let keys = args.keys;
+        match run_phase(&args, keys, true).await {
+            Ok((elapsed, r)) => eprintln!("preloaded {keys} keys in {elapsed:.2?} ({} errors)", r.errors),
+            Err(e) => {
+                eprintln!("loadgen: preload failed: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let (elapsed, mut result) = match run_phase(&args, args.messages, false).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::exit(1);
+        }
+    };
+    result.latencies_us.sort_unstable();
+    let n = result.latencies_us.len();
+    let rate = n as f64 / elapsed.as_secs_f64();
+    let p50 = percentile(&result.latencies_us, 0.50);
+    let p99 = percentile(&result.latencies_us, 0.99);
+    println!("messages:   {n}");
+    println!("errors:     {}", result.errors);
+    println!("elapsed:    {:.3} s", elapsed.as_secs_f64());
+    println!("throughput: {rate:.0} messages/s");
+    println!("latency:    p50 {p50} us, p99 {p99} us");
+    println!(
+        "RESULT messages={n} errors={} seconds={:.6} rate={rate:.1} p50_us={p50} p99_us={p99}",
+        result.errors,
+        elapsed.as_secs_f64()
+    );
+}
