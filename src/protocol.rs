@@ -84,14 +84,15 @@ pub enum Outcome {
 /// Borrowed view of one request line; fields stay raw until typed.
 #[derive(Deserialize)]
 struct RawRequest<'a> {
-    // `deserialize_with` keeps an explicit `"id": null` as Some, so it is echoed.
+    // `deserialize_with` keeps an explicit `null` as Some: a null `id` is
+    // echoed, and a null `op`, `key` or `value` is ill-typed, not missing.
     #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     op: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     key: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     value: Option<&'a RawValue>,
 }
 
@@ -109,15 +110,24 @@ pub fn decode(line: &[u8]) -> (Option<&RawValue>, Result<Request, Failure>) {
         Ok(t) => t,
         Err(_) => return (None, Err(Failure::new(FailReason::Parse, "message is not valid UTF-8"))),
     };
+    // A derived struct also deserializes from an array, taking the fields in
+    // order; only an object is a request.
+    let is_object = text.trim_start().starts_with('{');
     let raw: RawRequest<'_> = match serde_json::from_str(text) {
-        Ok(r) => r,
-        Err(e) if e.is_data() => {
+        Ok(r) if is_object => r,
+        Err(e) if !e.is_data() => {
+            return (None, Err(Failure::new(FailReason::Parse, format!("invalid JSON: {e}"))))
+        }
+        // An object can only fail this way by repeating a field.
+        Err(e) if is_object => {
+            return (None, Err(Failure::new(FailReason::Invalid, format!("invalid request: {e}"))))
+        }
+        _ => {
             return (
                 None,
                 Err(Failure::new(FailReason::Invalid, "message must be a JSON object")),
             )
         }
-        Err(e) => return (None, Err(Failure::new(FailReason::Parse, format!("invalid JSON: {e}")))),
     };
     (raw.id, typed(&raw))
 }
@@ -260,6 +270,7 @@ mod tests {
             (b"{\"op\":", FailReason::Parse),
             (b"\xff\xfe{}", FailReason::Parse),
             (b"[1,2]", FailReason::Invalid),
+            (br#"[1,"ping"]"#, FailReason::Invalid),
             (b"42", FailReason::Invalid),
             (b"{}", FailReason::Invalid),
             (br#"{"op":5}"#, FailReason::Invalid),
