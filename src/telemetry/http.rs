@@ -5,10 +5,15 @@
 //! agent's file descriptors until peers could no longer connect, and it
 //! answers every path. This server serves the same `PrometheusHandle` with
 //! those limits, `metrics.path` for metrics, `/health`, and 404 elsewhere.
+//! When the connection cap is reached the oldest connection that has not
+//! completed a request is evicted, so idle connections cannot lock out a
+//! scraper; idle and incomplete connections close after the header-read timeout.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +25,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub const HEALTH_PATH: &str = "/health";
@@ -76,14 +80,76 @@ impl Endpoint {
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
+}
+
+/// The connection cap. When it is reached, a new connection is still
+/// admitted and the oldest connection that has not completed a request gives
+/// way (or, if every one has, the oldest). Refusing newcomers instead would
+/// let a few idle connections lock Prometheus out until they time out.
+struct Slots {
+    max: usize,
+    open: Mutex<(u64, VecDeque<Arc<Slot>>)>,
+}
+
+struct Slot {
+    id: u64,
+    served: AtomicBool,
+    evict: CancellationToken,
+}
+
+/// Holds a slot for one connection; gives it back on drop.
+struct SlotGuard {
+    slots: Arc<Slots>,
+    slot: Arc<Slot>,
+}
+
+impl Slots {
+    fn admit(self: &Arc<Self>) -> SlotGuard {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.1.len() >= self.max {
+            let victim = open
+                .1
+                .iter()
+                .position(|s| !s.served.load(Ordering::Relaxed))
+                .unwrap_or(0);
+            if let Some(v) = open.1.remove(victim) {
+                v.evict.cancel();
+            }
+        }
+        open.0 += 1;
+        let slot = Arc::new(Slot {
+            id: open.0,
+            served: AtomicBool::new(false),
+            evict: CancellationToken::new(),
+        });
+        open.1.push_back(Arc::clone(&slot));
+        SlotGuard {
+            slots: Arc::clone(self),
+            slot,
+        }
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = open.1.iter().position(|s| s.id == self.slot.id) {
+            open.1.remove(i);
+        }
+    }
 }
 
 /// Accepts and serves connections until `cancel` fires.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(endpoint.max_connections));
+    let slots = Arc::new(Slots {
+        max: endpoint.max_connections,
+        open: Mutex::new((0, VecDeque::new())),
+    });
     let endpoint = Arc::new(endpoint);
     loop {
         let (stream, remote) = tokio::select! {
@@ -98,22 +164,26 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: Cancellati
                 }
             },
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!(%remote, "metrics endpoint: connection limit reached, closing");
-            continue;
-        };
+        let guard = slots.admit();
         let endpoint = Arc::clone(&endpoint);
         tokio::spawn(async move {
-            serve_connection(stream, remote, &endpoint).await;
-            drop(slot);
+            serve_connection(stream, remote, &endpoint, &guard.slot).await;
+            drop(guard);
         });
     }
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, remote: SocketAddr, endpoint: &Arc<Endpoint>) {
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    endpoint: &Arc<Endpoint>,
+    slot: &Arc<Slot>,
+) {
     let allowed = endpoint.allows(remote.ip());
     let ep = Arc::clone(endpoint);
+    let served = Arc::clone(slot);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        served.served.store(true, Ordering::Relaxed);
         let resp = ep.respond(&req, allowed);
         async move { Ok::<_, Infallible>(resp) }
     });
@@ -126,6 +196,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, remote: SocketAddr, end
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
+        _ = slot.evict.cancelled() => {}
         _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
