@@ -469,3 +469,70 @@ fn redis_ping(port: u16) -> bool {
     let mut buf = [0u8; 7];
     s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
+
+// ---- Helpers for the protocol, durability, Redis and CLI tests ----
+
+impl Peer {
+    /// Reads until the agent closes the connection; panics if data arrives
+    /// instead or nothing happens within `WAIT`. Returns how long it took.
+    /// A reset counts as closed too.
+    pub fn expect_closed(&mut self) -> Duration {
+        let start = Instant::now();
+        let mut buf = [0u8; 256];
+        match self.reader.read(&mut buf) {
+            Ok(0) => start.elapsed(),
+            Ok(n) => panic!(
+                "expected the agent to close, got {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => start.elapsed(),
+            Err(e) => panic!(
+                "expected the agent to close, got error {e} after {:?}",
+                start.elapsed()
+            ),
+        }
+    }
+
+    /// Sends a request and returns its reply and how long the round trip took.
+    pub fn timed_request(&mut self, line: &str) -> (String, Duration) {
+        let start = Instant::now();
+        let reply = self.request(line);
+        (reply, start.elapsed())
+    }
+}
+
+/// Sends one command to the Redis server on `port` in RESP and returns the
+/// raw reply, e.g. `":1\r\n"` or `"$1\r\nv\r\n"` (simple replies only: one
+/// line, or one bulk string).
+pub fn redis_command(port: u16, args: &[&str]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connect redis {port}: {e}"));
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(cmd.as_bytes()).expect("write to redis");
+    let mut reader = BufReader::new(s);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("read redis reply");
+    if let Some(len) = first
+        .strip_prefix('$')
+        .and_then(|n| n.trim_end().parse::<usize>().ok())
+    {
+        let mut body = vec![0u8; len + 2];
+        reader.read_exact(&mut body).expect("read redis bulk reply");
+        first.push_str(&String::from_utf8_lossy(&body));
+    }
+    first
+}
+
+impl RedisServer {
+    /// The server's process id (to pause it with SIGSTOP, for example).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("redis-server running")
+    }
+}

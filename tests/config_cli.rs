@@ -1,0 +1,380 @@
+//! The command line and configuration, with the real binary: invalid
+//! configuration (file or environment) exits 2 with one line naming the key,
+//! `check-config` prints the effective configuration, and an address in use
+//! stops startup with one line naming it.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use agent::config::{BackendKind, Config};
+use common::*;
+
+/// Runs the binary to completion in `dir`, with only the given `AGENT_*`
+/// variables (any inherited ones are removed). Returns (code, stdout, stderr).
+fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env("RUST_BACKTRACE", "1");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AGENT_")) {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run agent");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts a configuration failure: exit 2, nothing on stdout, and exactly
+/// one stderr line that names `needle`, without panic or backtrace text.
+fn assert_config_error(what: &str, (code, stdout, stderr): (i32, String, String), needle: &str) {
+    assert_eq!(code, 2, "{what}: exit code; stderr:\n{stderr}");
+    assert_eq!(stdout, "", "{what}: stdout");
+    assert_eq!(stderr.lines().count(), 1, "{what}: one line:\n{stderr}");
+    assert!(stderr.ends_with('\n'), "{what}: {stderr:?}");
+    assert!(
+        stderr.starts_with("agent: invalid configuration: "),
+        "{what}: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "{what}: {needle:?} not named in: {stderr}"
+    );
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+        assert!(!stderr.contains(bad), "{what}: {bad} in: {stderr}");
+    }
+}
+
+/// (YAML, the key the error must name).
+const BAD_FILES: &[(&str, &str)] = &[
+    ("metrics:\n  port: 70000\n", "metrics.port: "),
+    ("metrics:\n  port: 0\n", "metrics.port: "),
+    ("metrics:\n  port: abc\n", "metrics.port: "),
+    ("metrics:\n  path: metrics\n", "metrics.path: "),
+    ("metrics:\n  path: /health\n", "metrics.path: "),
+    ("metrics:\n  prot: 8080\n", "metrics.prot: unknown key"),
+    ("metrics:\n  address: not-an-ip\n", "metrics.address: "),
+    ("storage:\n  backend: postgres\n", "storage.backend: "),
+    (
+        "storage:\n  redis:\n    url: \"http://x\"\n",
+        "storage.redis.url: ",
+    ),
+    (
+        "storage:\n  redis:\n    timeout: soon\n",
+        "storage.redis.timeout: ",
+    ),
+    ("network:\n  listen: nowhere\n", "network.listen: "),
+    ("network:\n  listen: \"127.0.0.1\"\n", "network.listen: "),
+    (
+        "network:\n  max_connections: 0\n",
+        "network.max_connections: ",
+    ),
+    (
+        "network:\n  max_connections: -1\n",
+        "network.max_connections: ",
+    ),
+    (
+        "network:\n  max_message_bytes: 0\n",
+        "network.max_message_bytes: ",
+    ),
+    ("network:\n  peers: [\"nohost\"]\n", "network.peers[0]: "),
+    ("bogus: 1\n", "bogus: unknown key"),
+    ("log:\n  format: xml\n", "log.format: "),
+];
+
+#[test]
+fn invalid_config_file_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.yaml"), "").unwrap();
+    for (yaml, key) in BAD_FILES {
+        std::fs::write(dir.path().join("f.yaml"), yaml).unwrap();
+        // The option goes before or after the subcommand, long or short;
+        // and running (no subcommand) fails the same way before starting.
+        for args in [
+            &["-c", "f.yaml", "check-config"][..],
+            &["--config", "f.yaml", "check-config"],
+            &["check-config", "--config", "f.yaml"],
+            &["check-config", "-c", "f.yaml"],
+            &["--config", "f.yaml"],
+            &["-c", "f.yaml", "run"],
+        ] {
+            let what = format!("{yaml:?} with {args:?}");
+            assert_config_error(&what, run(dir.path(), args, &[]), key);
+        }
+    }
+}
+
+#[test]
+fn unparsable_config_file_exits_2_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for yaml in [
+        "metrics: [unclosed\n",
+        "- 1\n",
+        "just a string\n",
+        "metrics:\n\tport: 1\n",
+    ] {
+        std::fs::write(dir.path().join("broken.yaml"), yaml).unwrap();
+        for args in [
+            &["-c", "broken.yaml", "check-config"][..],
+            &["check-config", "--config", "broken.yaml"],
+        ] {
+            assert_config_error(
+                &format!("{yaml:?}"),
+                run(dir.path(), args, &[]),
+                "broken.yaml",
+            );
+        }
+    }
+}
+
+#[test]
+fn invalid_environment_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        ("AGENT_METRICS__PORT", "70000", "metrics.port: "),
+        ("AGENT_METRICS__PORT", "abc", "metrics.port: "),
+        ("AGENT_METRICS__PORT", "0", "metrics.port: "),
+        ("AGENT_METRICS__PROT", "8080", "metrics.prot: unknown key"),
+        ("AGENT_METRICS__PATH", "metrics", "metrics.path: "),
+        ("AGENT_STORAGE__BACKEND", "postgres", "storage.backend: "),
+        (
+            "AGENT_STORAGE__REDIS__URL",
+            "http://x",
+            "storage.redis.url: ",
+        ),
+        (
+            "AGENT_STORAGE__REDIS__TIMEOUT",
+            "soon",
+            "storage.redis.timeout: ",
+        ),
+        ("AGENT_NETWORK__LISTEN", "nowhere", "network.listen: "),
+        (
+            "AGENT_NETWORK__MAX_CONNECTIONS",
+            "0",
+            "network.max_connections: ",
+        ),
+        ("AGENT_LOG__LEVEL", "info,=[", "log.level: "),
+    ];
+    for (var, value, key) in cases {
+        for args in [&["check-config"][..], &[]] {
+            let what = format!("{var}={value} with {args:?}");
+            assert_config_error(&what, run(dir.path(), args, &[(var, value)]), key);
+        }
+    }
+    // The environment is checked even when the file is fine.
+    std::fs::write(dir.path().join("ok.yaml"), "metrics:\n  port: 9000\n").unwrap();
+    assert_config_error(
+        "env over a valid file",
+        run(
+            dir.path(),
+            &["-c", "ok.yaml", "check-config"],
+            &[("AGENT_METRICS__PORT", "0")],
+        ),
+        "metrics.port: ",
+    );
+}
+
+#[test]
+fn missing_config_file_exits_2_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["-c", "/nonexistent/agent.yaml", "check-config"][..],
+        &["check-config", "--config", "/nonexistent/agent.yaml"],
+        &["--config", "/nonexistent/agent.yaml"],
+    ] {
+        assert_config_error(
+            &format!("{args:?}"),
+            run(dir.path(), args, &[]),
+            "/nonexistent/agent.yaml",
+        );
+    }
+    // Relative to the working directory, as given.
+    assert_config_error(
+        "relative",
+        run(dir.path(), &["-c", "missing.yaml", "check-config"], &[]),
+        "cannot read config file missing.yaml",
+    );
+}
+
+#[test]
+fn check_config_prints_the_effective_config_env_winning_over_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("f.yaml"),
+        "node:\n  id: node-7\nnetwork:\n  peers: [\"10.0.0.2:7070\"]\nmetrics:\n  port: 9000\n  path: /m\nstorage:\n  backend: local\n",
+    )
+    .unwrap();
+    let env = [
+        ("AGENT_METRICS__PORT", "9100"),
+        ("AGENT_STORAGE__BACKEND", "redis"),
+        ("AGENT_STORAGE__REDIS__TIMEOUT", "500ms"),
+        ("AGENT_NETWORK__MAX_CONNECTIONS", "2"),
+    ];
+    let mut want = Config::default();
+    want.node.id = "node-7".into();
+    want.network.peers = vec!["10.0.0.2:7070".into()];
+    want.network.max_connections = 2;
+    want.metrics.port = 9100;
+    want.metrics.path = "/m".into();
+    want.storage.backend = BackendKind::Redis;
+    want.storage.redis.timeout = Duration::from_millis(500);
+
+    let mut outputs = Vec::new();
+    for args in [
+        &["-c", "f.yaml", "check-config"][..],
+        &["check-config", "--config", "f.yaml"],
+    ] {
+        let (code, stdout, stderr) = run(dir.path(), args, &env);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        assert_eq!(stderr, "", "{args:?}");
+        let got: Config =
+            serde_yaml::from_str(&stdout).unwrap_or_else(|e| panic!("{e}:\n{stdout}"));
+        assert_eq!(got, want, "{args:?}:\n{stdout}");
+        for line in [
+            "  id: node-7\n",
+            "  max_connections: 2\n",
+            "  port: 9100\n",
+            "  path: /m\n",
+            "  backend: redis\n",
+            "    timeout: 500ms\n",
+        ] {
+            assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
+        }
+        outputs.push(stdout);
+    }
+    assert_eq!(outputs[0], outputs[1]);
+
+    // The printed configuration is a valid file that means the same thing.
+    std::fs::write(dir.path().join("printed.yaml"), &outputs[0]).unwrap();
+    let (code, stdout, stderr) = run(dir.path(), &["check-config", "-c", "printed.yaml"], &[]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    assert_eq!(stdout, outputs[0]);
+}
+
+#[test]
+fn check_config_defaults_and_the_default_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // No file at all: the defaults.
+    let (code, stdout, stderr) = run(dir.path(), &["check-config"], &[]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    assert_eq!(
+        serde_yaml::from_str::<Config>(&stdout).unwrap(),
+        Config::default()
+    );
+
+    // The repository's agent.yaml documents exactly the defaults.
+    let repo_yaml = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.yaml");
+    let (code, from_repo, stderr) = run(
+        dir.path(),
+        &["check-config", "-c", repo_yaml.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    assert_eq!(from_repo, stdout);
+
+    // ./agent.yaml is read when no --config is given, and env still wins.
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        "metrics:\n  port: 9001\nlog:\n  level: debug\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(
+        dir.path(),
+        &["check-config"],
+        &[("AGENT_LOG__LEVEL", "warn")],
+    );
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    let got: Config = serde_yaml::from_str(&stdout).unwrap();
+    assert_eq!(got.metrics.port, 9001);
+    assert_eq!(got.log.level, "warn");
+    // ...and a broken ./agent.yaml is reported like a named one.
+    std::fs::write(dir.path().join("agent.yaml"), "metrics:\n  port: 0\n").unwrap();
+    assert_config_error(
+        "./agent.yaml",
+        run(dir.path(), &["check-config"], &[]),
+        "metrics.port: ",
+    );
+}
+
+#[test]
+fn run_reads_the_config_file() {
+    // The file sets a tiny line limit; the harness adds ports through env.
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    std::fs::write(
+        dir.path().join("small.yaml"),
+        "network:\n  max_message_bytes: 64\n",
+    )
+    .unwrap();
+    let agent = Agent::start_with(AgentOptions {
+        dir: Some(dir),
+        args: vec!["--config".into(), "small.yaml".into()],
+        ..AgentOptions::default()
+    });
+    let mut peer = agent.connect();
+    assert_eq!(
+        peer.request(r#"{"id":1,"op":"ping"}"#),
+        r#"{"id":1,"ok":true}"#
+    );
+    peer.send_raw(
+        format!(
+            "{{\"id\":2,\"op\":\"ping\",\"pad\":\"{}\"}}\n",
+            "x".repeat(64)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(
+        peer.read_line().unwrap(),
+        r#"{"ok":false,"error":"message exceeds network.max_message_bytes (64 bytes); closing connection"}"#
+    );
+    peer.expect_closed();
+}
+
+/// Starts an agent whose `which` port is taken, and asserts it exits
+/// non-zero with one `agent:` line naming the address.
+fn assert_address_in_use(which: &str) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut opts = AgentOptions {
+        wait_ready: false,
+        ..AgentOptions::default()
+    };
+    match which {
+        "peer" => opts.peer_port = Some(port),
+        _ => opts.metrics_port = Some(port),
+    }
+    let mut agent = Agent::start_with(opts);
+    let status = agent.wait_exit();
+    let log = agent.log();
+    assert!(!status.success(), "{which}: {status}:\n{log}");
+    assert_eq!(status.code(), Some(1), "{which}:\n{log}");
+    let addr = format!("127.0.0.1:{port}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("agent: ")).collect();
+    assert_eq!(errors.len(), 1, "{which}: one error line:\n{log}");
+    assert!(
+        errors[0].contains(&addr),
+        "{which}: {addr} not named:\n{log}"
+    );
+    assert!(errors[0].contains("in use"), "{which}:\n{log}");
+    assert!(!log.contains("agent ready"), "{which}:\n{log}");
+    assert!(!log.contains("panicked"), "{which}:\n{log}");
+    drop(taken);
+}
+
+#[test]
+fn peer_address_in_use_exits_naming_it() {
+    assert_address_in_use("peer");
+}
+
+#[test]
+fn metrics_address_in_use_exits_naming_it() {
+    assert_address_in_use("metrics");
+}

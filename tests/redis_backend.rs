@@ -1,0 +1,293 @@
+//! The Redis backend against a real redis-server: operations and key
+//! prefix, prompt errors during an outage, and recovery without restarting
+//! the agent. Skipped (with a message) when redis-server is missing, except
+//! under CI.
+
+mod common;
+
+use std::time::Duration;
+
+use agent::telemetry::defs::MESSAGES_FAILED_TOTAL;
+use common::*;
+
+/// Bound on an error reply during an outage: storage.redis.timeout is 500ms.
+const PROMPT: Duration = Duration::from_secs(2);
+
+fn redis_agent(server: &RedisServer, extra: &[(&str, &str)]) -> Agent {
+    let mut opts = AgentOptions::default()
+        .env("AGENT_STORAGE__BACKEND", "redis")
+        .env("AGENT_STORAGE__REDIS__URL", server.url())
+        .env("AGENT_STORAGE__REDIS__TIMEOUT", "500ms");
+    for (k, v) in extra {
+        opts = opts.env(k, v);
+    }
+    Agent::start_with(opts)
+}
+
+/// Asserts that each storage op fails promptly with a storage error and the
+/// id echoed, and that ping (no storage) still works.
+fn assert_prompt_storage_errors(peer: &mut Peer) {
+    let requests = [
+        r#"{"id":1,"op":"put","key":"k","value":"v"}"#,
+        r#"{"id":2,"op":"get","key":"k"}"#,
+        r#"{"id":3,"op":"delete","key":"k"}"#,
+        r#"{"id":4,"op":"put","key":"k","value":"v"}"#,
+    ];
+    for (i, request) in requests.iter().enumerate() {
+        let (reply, took) = peer.timed_request(request);
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["id"], i + 1, "{reply}");
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert_eq!(
+            reply.as_object().unwrap().len(),
+            3,
+            "id, ok and error only: {reply}"
+        );
+        let error = reply["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("storage unavailable: ") || error == "storage timed out after 500ms",
+            "{error}"
+        );
+        assert!(took < PROMPT, "{request} took {took:?}");
+    }
+    assert_eq!(
+        peer.request(r#"{"id":5,"op":"ping"}"#),
+        r#"{"id":5,"ok":true}"#
+    );
+}
+
+/// Polls until a put succeeds (Redis is back and the agent reconnected);
+/// returns how many puts failed before that.
+fn wait_for_recovery(peer: &mut Peer) -> usize {
+    let mut last = String::new();
+    let mut failures = 0;
+    let recovered = wait_until(|| {
+        last = peer.request(r#"{"id":"r","op":"put","key":"recovered","value":"yes"}"#);
+        if last == r#"{"id":"r","ok":true}"# {
+            return true;
+        }
+        assert!(
+            last.starts_with(r#"{"id":"r","ok":false,"error":"storage "#),
+            "{last}"
+        );
+        failures += 1;
+        false
+    });
+    assert!(recovered, "the agent never recovered; last reply {last}");
+    failures
+}
+
+#[test]
+fn operations_use_the_key_prefix() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let agent = redis_agent(&server, &[]);
+    assert!(
+        agent.log().contains("connected to Redis"),
+        "{}",
+        agent.log()
+    );
+    let mut peer = agent.connect();
+    let port = server.port;
+
+    assert_eq!(
+        peer.request(r#"{"id":1,"op":"ping"}"#),
+        r#"{"id":1,"ok":true}"#
+    );
+    assert_eq!(
+        peer.request(r#"{"id":1,"op":"get","key":"k"}"#),
+        r#"{"id":1,"ok":true,"value":null}"#
+    );
+    assert_eq!(
+        peer.request(r#"{"id":2,"op":"put","key":"k","value":"v"}"#),
+        r#"{"id":2,"ok":true}"#
+    );
+    assert_eq!(
+        peer.request(r#"{"id":3,"op":"get","key":"k"}"#),
+        r#"{"id":3,"ok":true,"value":"v"}"#
+    );
+    // Stored under the prefix, and only there.
+    assert_eq!(redis_command(port, &["EXISTS", "agent:k"]), ":1\r\n");
+    assert_eq!(redis_command(port, &["GET", "agent:k"]), "$1\r\nv\r\n");
+    assert_eq!(redis_command(port, &["EXISTS", "k"]), ":0\r\n");
+    assert_eq!(redis_command(port, &["DBSIZE"]), ":1\r\n");
+
+    assert_eq!(
+        peer.request(r#"{"id":4,"op":"put","key":"k","value":"é\n2"}"#),
+        r#"{"id":4,"ok":true}"#
+    );
+    assert_eq!(
+        peer.request(r#"{"id":5,"op":"get","key":"k"}"#),
+        r#"{"id":5,"ok":true,"value":"é\n2"}"#
+    );
+    assert_eq!(redis_command(port, &["STRLEN", "agent:k"]), ":4\r\n");
+    assert_eq!(
+        peer.request(r#"{"id":6,"op":"delete","key":"k"}"#),
+        r#"{"id":6,"ok":true,"deleted":true}"#
+    );
+    assert_eq!(redis_command(port, &["EXISTS", "agent:k"]), ":0\r\n");
+    assert_eq!(
+        peer.request(r#"{"id":7,"op":"delete","key":"k"}"#),
+        r#"{"id":7,"ok":true,"deleted":false}"#
+    );
+    assert_eq!(
+        peer.request(r#"{"id":8,"op":"get","key":"k"}"#),
+        r#"{"id":8,"ok":true,"value":null}"#
+    );
+
+    // Values written by others under the prefix are read back.
+    assert_eq!(
+        redis_command(port, &["SET", "agent:ext", "from redis"]),
+        "+OK\r\n"
+    );
+    assert_eq!(
+        peer.request(r#"{"id":9,"op":"get","key":"ext"}"#),
+        r#"{"id":9,"ok":true,"value":"from redis"}"#
+    );
+
+    // Another prefix on the same server sees none of it.
+    let other = redis_agent(&server, &[("AGENT_STORAGE__REDIS__KEY_PREFIX", "other:")]);
+    let mut other_peer = other.connect();
+    assert_eq!(
+        other_peer.request(r#"{"id":1,"op":"get","key":"ext"}"#),
+        r#"{"id":1,"ok":true,"value":null}"#
+    );
+    assert_eq!(
+        other_peer.request(r#"{"id":2,"op":"put","key":"ext","value":"mine"}"#),
+        r#"{"id":2,"ok":true}"#
+    );
+    assert_eq!(redis_command(port, &["GET", "other:ext"]), "$4\r\nmine\r\n");
+    assert_eq!(
+        peer.request(r#"{"id":10,"op":"get","key":"ext"}"#),
+        r#"{"id":10,"ok":true,"value":"from redis"}"#
+    );
+}
+
+#[test]
+fn outage_gives_prompt_errors_and_recovers_without_restart() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let agent = redis_agent(&server, &[]);
+    let mut peer = agent.connect();
+    assert_eq!(
+        peer.request(r#"{"id":1,"op":"put","key":"before","value":"1"}"#),
+        r#"{"id":1,"ok":true}"#
+    );
+
+    server.stop();
+    assert_prompt_storage_errors(&mut peer);
+    // A second round: failures stay prompt, nothing piles up.
+    assert_prompt_storage_errors(&mut peer);
+    // A connection opened during the outage is served too.
+    let mut late = agent.connect();
+    assert_prompt_storage_errors(&mut late);
+
+    // Same port, empty server (no persistence): the agent reconnects by itself.
+    server.restart();
+    let poll_failures = wait_for_recovery(&mut peer);
+    assert_eq!(
+        peer.request(r#"{"id":2,"op":"get","key":"recovered"}"#),
+        r#"{"id":2,"ok":true,"value":"yes"}"#
+    );
+    assert_eq!(
+        peer.request(r#"{"id":3,"op":"get","key":"before"}"#),
+        r#"{"id":3,"ok":true,"value":null}"#
+    );
+    assert_eq!(
+        late.request(r#"{"id":4,"op":"put","key":"late","value":"ok"}"#),
+        r#"{"id":4,"ok":true}"#
+    );
+    assert_eq!(
+        redis_command(server.port, &["GET", "agent:late"]),
+        "$2\r\nok\r\n"
+    );
+
+    // Each failed storage op was counted as a storage failure: 12 above,
+    // plus those the recovery poll saw before Redis answered.
+    let text = agent.scrape();
+    let failed = sample(&text, MESSAGES_FAILED_TOTAL, &[("reason", "storage")]);
+    assert_eq!(failed, Some((12 + poll_failures) as f64), "{text}");
+}
+
+#[test]
+fn agent_started_while_redis_is_down_starts_and_recovers() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    server.stop();
+    let agent = redis_agent(&server, &[]);
+    let log = agent.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("unreachable"))
+        .unwrap_or_else(|| panic!("no warning about Redis being unreachable:\n{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+
+    let mut peer = agent.connect();
+    assert_prompt_storage_errors(&mut peer);
+
+    server.restart();
+    wait_for_recovery(&mut peer);
+    assert_eq!(
+        peer.request(r#"{"id":1,"op":"get","key":"recovered"}"#),
+        r#"{"id":1,"ok":true,"value":"yes"}"#
+    );
+    assert_eq!(
+        redis_command(server.port, &["GET", "agent:recovered"]),
+        "$3\r\nyes\r\n"
+    );
+}
+
+#[test]
+fn hung_redis_is_bounded_by_the_timeout() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let agent = redis_agent(&server, &[]);
+    let mut peer = agent.connect();
+    assert_eq!(
+        peer.request(r#"{"id":1,"op":"put","key":"k","value":"v"}"#),
+        r#"{"id":1,"ok":true}"#
+    );
+
+    // A paused server keeps its connections open but never answers: only the
+    // timeout can end each command.
+    let pid = server.pid() as i32;
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    for (i, request) in [
+        r#"{"id":2,"op":"get","key":"k"}"#,
+        r#"{"id":3,"op":"delete","key":"k"}"#,
+        r#"{"id":4,"op":"get","key":"k"}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (reply, took) = peer.timed_request(request);
+        assert_eq!(
+            reply,
+            format!(
+                r#"{{"id":{},"ok":false,"error":"storage timed out after 500ms"}}"#,
+                i + 2
+            )
+        );
+        assert!(
+            took >= Duration::from_millis(450) && took < PROMPT,
+            "{request} took {took:?}"
+        );
+    }
+    assert_eq!(
+        peer.request(r#"{"id":5,"op":"ping"}"#),
+        r#"{"id":5,"ok":true}"#
+    );
+
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_for_recovery(&mut peer);
+    assert_eq!(
+        peer.request(r#"{"id":6,"op":"get","key":"recovered"}"#),
+        r#"{"id":6,"ok":true,"value":"yes"}"#
+    );
+}
