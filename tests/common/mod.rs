@@ -536,3 +536,224 @@ impl RedisServer {
             .expect("redis-server running")
     }
 }
+
+// ---- Prometheus server and HTTP API helpers (operator kit, Prometheus e2e, DogStatsD tests) ----
+
+/// Percent-encodes `s` as a URL query value: RFC 3986 unreserved characters
+/// pass, every other byte becomes `%XX`.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A minimal HTTP/1.0 GET: the server sends the body without chunked
+/// encoding and closes the connection when done (Go's net/http does both).
+pub fn http10_get(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let bad = |what: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {text:?}"))
+    };
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no HTTP head"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// A real `prometheus` server on a free loopback port, with its config and
+/// TSDB in a temporary directory owned by the test.
+pub struct Prometheus {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: Option<tempfile::TempDir>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Prometheus {
+    /// Writes `config` to `<dir>/prometheus.yml` and starts Prometheus on it
+    /// (files the config names, such as rule files or file_sd targets, can
+    /// be put in `dir` beforehand). Waits until `/-/ready` answers 200.
+    /// None (with a printed reason) when `prometheus` is missing outside CI.
+    pub fn start_in(dir: tempfile::TempDir, config: &str) -> Option<Prometheus> {
+        let bin = require_bin("prometheus")?;
+        let config_file = dir.path().join("prometheus.yml");
+        std::fs::write(&config_file, config).expect("write prometheus.yml");
+        let mut dir = Some(dir);
+        for attempt in 1.. {
+            let mut prom = Self::spawn(&bin, dir.take().unwrap(), free_port());
+            match prom.wait_ready() {
+                Ok(()) => return Some(prom),
+                // Another process took the port after free_port() chose it.
+                Err(log) if attempt < 3 && log.contains("address already in use") => {
+                    dir = prom.stop();
+                }
+                Err(log) => panic!("prometheus did not become ready:\n{log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn spawn(bin: &Path, dir: tempfile::TempDir, port: u16) -> Prometheus {
+        let mut child = Command::new(bin)
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn prometheus");
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Prometheus {
+            child: Some(child),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            dir: Some(dir),
+            log,
+        }
+    }
+
+    /// Polls `/-/ready`; Err(log) if Prometheus exits or never gets ready.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        // Startup replays the (empty) WAL and loads rules: slow on a loaded
+        // machine, so allow twice the usual wait.
+        let deadline = Instant::now() + 2 * WAIT;
+        while Instant::now() < deadline {
+            if matches!(http10_get(self.addr, "/-/ready"), Ok(r) if r.status == 200) {
+                return Ok(());
+            }
+            if !matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Give the reader thread a moment to collect the last lines.
+        std::thread::sleep(Duration::from_millis(200));
+        Err(self.log())
+    }
+
+    /// Kills the server; returns its directory for another attempt.
+    fn stop(&mut self) -> Option<tempfile::TempDir> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.dir.take()
+    }
+
+    /// The temporary directory holding the config and the TSDB.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("running").path()
+    }
+
+    /// `start_in` with a fresh temporary directory.
+    pub fn start(config: &str) -> Option<Prometheus> {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), config)
+    }
+
+    /// Everything Prometheus logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// GET on the HTTP API, parsed as JSON (whatever the status).
+    pub fn api(&self, path_and_query: &str) -> serde_json::Value {
+        let resp = http10_get(self.addr, path_and_query)
+            .unwrap_or_else(|e| panic!("GET {path_and_query}: {e}\n{}", self.log()));
+        serde_json::from_str(&resp.body).unwrap_or_else(|e| {
+            panic!(
+                "GET {path_and_query}: HTTP {} body is not JSON ({e}): {}",
+                resp.status, resp.body
+            )
+        })
+    }
+
+    /// An instant query: `Ok(data)` when Prometheus answers `status: success`,
+    /// `Err(whole answer)` otherwise.
+    pub fn try_query(&self, expr: &str) -> Result<serde_json::Value, serde_json::Value> {
+        let answer = self.api(&format!("/api/v1/query?query={}", percent_encode(expr)));
+        if answer["status"] == "success" {
+            Ok(answer["data"].clone())
+        } else {
+            Err(answer)
+        }
+    }
+
+    /// An instant query's result list, panicking unless it succeeds.
+    pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let data = self
+            .try_query(expr)
+            .unwrap_or_else(|answer| panic!("query {expr:?} failed: {answer}"));
+        data["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `Agent::start_with(make())`, retried with fresh ports (up to 3 attempts)
+/// when a port chosen by `free_port` was bound by another process before the
+/// agent could bind it: tests all over this machine share its ports.
+pub fn start_agent(make: impl Fn() -> AgentOptions) -> Agent {
+    for attempt in 1.. {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Agent::start_with(make()))) {
+            Ok(agent) => return agent,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("");
+                if attempt >= 3 || !message.contains("Address already in use") {
+                    std::panic::resume_unwind(panic);
+                }
+                eprintln!("port taken by another process, retrying with fresh ports");
+            }
+        }
+    }
+    unreachable!()
+}

@@ -1,0 +1,307 @@
+//! End to end with a real Prometheus: the config operators install
+//! (docs/prometheus.yml, file_sd targets, docs/alerts.yml) scrapes the real
+//! agent every second, and Prometheus' HTTP API reports exactly the traffic
+//! the test sent.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::*;
+use serde_json::Value;
+
+/// Traffic, in two phases so that rate() has an increase between scrapes.
+const PUTS: usize = 40;
+const GETS: usize = 25;
+const DELETES: usize = 15;
+const UNKNOWN_OPS: usize = 1;
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// docs/prometheus.yml as installed, with only the intervals shortened to
+/// 1 s and the file_sd glob moved into `dir`, where the targets file lists
+/// the agent (with an extra label, as operators do).
+fn config_for(dir: &Path, agent: &Agent) -> String {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    std::fs::copy(docs.join("alerts.yml"), dir.join("alerts.yml")).unwrap();
+    let targets = dir.join("targets");
+    std::fs::create_dir_all(&targets).unwrap();
+    std::fs::write(
+        targets.join("agents-e2e.yml"),
+        format!(
+            "- targets:\n    - {}\n  labels:\n    env: e2e\n",
+            agent.metrics_addr
+        ),
+    )
+    .unwrap();
+
+    let text = std::fs::read_to_string(docs.join("prometheus.yml")).unwrap();
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    for key in ["scrape_interval", "scrape_timeout", "evaluation_interval"] {
+        config["global"][key] = "1s".into();
+    }
+    let jobs = config["scrape_configs"].as_sequence_mut().unwrap();
+    assert_eq!(jobs.len(), 1, "one scrape job expected");
+    let job = &mut jobs[0];
+    assert_eq!(job["job_name"], "agent");
+    job["scrape_interval"] = "1s".into();
+    if job.get("scrape_timeout").is_some() {
+        job["scrape_timeout"] = "1s".into();
+    }
+    job["file_sd_configs"][0]["files"] = vec![format!("{}/agents*.yml", targets.display())].into();
+    serde_yaml::to_string(&config).unwrap()
+}
+
+/// Labels of a result series, without `__name__`, as `k=v` strings.
+fn labels(series: &Value) -> BTreeMap<String, String> {
+    series["metric"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__name__")
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn number(v: &Value) -> f64 {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a sample value: {v}"))
+}
+
+/// Waits until Prometheus holds, for every series of `selector`, a sample
+/// scraped after `after` (Unix seconds), and returns each series' latest raw
+/// sample value. Raw samples carry their scrape timestamps, so this knows
+/// the value includes everything the agent counted before `after`.
+fn scraped_after(prom: &Prometheus, selector: &str, after: f64) -> BTreeMap<String, f64> {
+    // Scrape timestamps may be aligned by a few milliseconds.
+    let after = after + 0.05;
+    let mut last = Vec::new();
+    let ok = wait_until(|| {
+        last = prom.query(&format!("{selector}[1m]"));
+        !last.is_empty()
+            && last.iter().all(|s| {
+                s["values"]
+                    .as_array()
+                    .and_then(|v| v.last())
+                    .is_some_and(|sample| sample[0].as_f64().unwrap() > after)
+            })
+    });
+    assert!(
+        ok,
+        "no scrape of {selector} after {after}: {last:?}\n{}",
+        prom.log()
+    );
+    last.iter()
+        .map(|s| {
+            let key = labels(s)
+                .into_iter()
+                .filter(|(k, _)| !["job", "instance", "env"].contains(&k.as_str()))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            (
+                key,
+                number(&s["values"].as_array().unwrap().last().unwrap()[1]),
+            )
+        })
+        .collect()
+}
+
+/// An instant query's single sample value.
+fn single_value(prom: &Prometheus, expr: &str) -> f64 {
+    let result = prom.query(expr);
+    assert_eq!(result.len(), 1, "{expr}: {result:?}");
+    number(&result[0]["value"][1])
+}
+
+#[test]
+fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
+    if require_bin("prometheus").is_none() {
+        return;
+    }
+    let agent = start_agent(AgentOptions::default);
+    // Prometheus 3 refuses a scrape without a valid Content-Type.
+    let resp = agent.http_get("/metrics");
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(dir.path(), &agent);
+    let prom = Prometheus::start_in(dir, &config).expect("prometheus is installed");
+    let instance = agent.metrics_addr.to_string();
+
+    // First scrape: up{job="agent"} is 1, with the file_sd label attached.
+    let mut up = Vec::new();
+    let scraped = wait_until(|| {
+        up = prom.query(r#"up{job="agent"}"#);
+        !up.is_empty()
+    });
+    assert!(
+        scraped,
+        "Prometheus never scraped the agent:\n{}",
+        prom.log()
+    );
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert_eq!(
+        labels(&up[0]),
+        BTreeMap::from([
+            ("env".to_string(), "e2e".to_string()),
+            ("instance".to_string(), instance.clone()),
+            ("job".to_string(), "agent".to_string()),
+        ])
+    );
+    assert_eq!(number(&up[0]["value"][1]), 1.0, "{up:?}\n{}", prom.log());
+    let targets = prom.api("/api/v1/targets?state=active");
+    let active = targets["data"]["activeTargets"].as_array().unwrap();
+    assert_eq!(active.len(), 1, "{targets}");
+    assert_eq!(active[0]["health"], "up", "{targets}");
+    assert_eq!(active[0]["lastError"], "", "{targets}");
+    assert_eq!(active[0]["scrapeUrl"], format!("http://{instance}/metrics"));
+
+    // Phase 1: puts only.
+    let mut peer = agent.connect();
+    for i in 0..PUTS {
+        assert_eq!(peer.put(&format!("k{i}"), "v")["ok"], true);
+    }
+    let phase1 = scraped_after(&prom, r#"messages_received_total{job="agent"}"#, now_secs());
+    assert_eq!(phase1, BTreeMap::from([(String::new(), PUTS as f64)]));
+
+    // Phase 2: gets and deletes of stored keys, and an unknown op.
+    for i in 0..GETS {
+        assert_eq!(peer.get(&format!("k{i}"))["value"], "v");
+    }
+    for i in 0..DELETES {
+        assert_eq!(peer.delete(&format!("k{i}"))["deleted"], true);
+    }
+    for _ in 0..UNKNOWN_OPS {
+        assert_eq!(peer.call(serde_json::json!({"op": "fly"}))["ok"], false);
+    }
+    drop(peer);
+    let end = now_secs();
+    let total = PUTS + GETS + DELETES + UNKNOWN_OPS;
+
+    let received = scraped_after(&prom, r#"messages_received_total{job="agent"}"#, end);
+    assert_eq!(received, BTreeMap::from([(String::new(), total as f64)]));
+    let storage = scraped_after(&prom, r#"storage_operations_total{job="agent"}"#, end);
+    assert_eq!(
+        storage,
+        BTreeMap::from([
+            ("backend=local,operation=delete".to_string(), DELETES as f64),
+            ("backend=local,operation=get".to_string(), GETS as f64),
+            ("backend=local,operation=put".to_string(), PUTS as f64),
+        ])
+    );
+
+    // The same through ordinary PromQL, as operators query it.
+    assert_eq!(
+        single_value(&prom, r#"messages_received_total{job="agent"}"#),
+        total as f64
+    );
+    assert_eq!(
+        single_value(
+            &prom,
+            r#"sum(messages_failed_total{job="agent", reason="unknown_op"})"#
+        ),
+        UNKNOWN_OPS as f64
+    );
+    assert_eq!(
+        single_value(&prom, r#"sum(messages_failed_total{job="agent"})"#),
+        UNKNOWN_OPS as f64
+    );
+    let by_op =
+        prom.query(r#"sum by (operation, backend) (storage_operations_total{job="agent"})"#);
+    let by_op: BTreeMap<(String, String), f64> = by_op
+        .iter()
+        .map(|s| {
+            let l = labels(s);
+            (
+                (l["operation"].clone(), l["backend"].clone()),
+                number(&s["value"][1]),
+            )
+        })
+        .collect();
+    let local = |op: &str| (op.to_string(), "local".to_string());
+    assert_eq!(
+        by_op,
+        BTreeMap::from([
+            (local("delete"), DELETES as f64),
+            (local("get"), GETS as f64),
+            (local("put"), PUTS as f64)
+        ])
+    );
+    assert_eq!(
+        single_value(&prom, r#"sum(storage_operation_errors_total{job="agent"})"#),
+        0.0
+    );
+    assert_eq!(
+        single_value(
+            &prom,
+            r#"message_processing_duration_seconds_count{job="agent"}"#
+        ),
+        total as f64
+    );
+    assert_eq!(
+        single_value(
+            &prom,
+            r#"storage_operation_duration_seconds_count{job="agent", operation="get"}"#
+        ),
+        GETS as f64
+    );
+
+    // The p99 from the buckets: the traffic between two scrapes gives rate()
+    // an increase, so the quantile is a real latency, within the buckets.
+    let p99 = single_value(
+        &prom,
+        "histogram_quantile(0.99, sum by (le) (rate(message_processing_duration_seconds_bucket[1m])))",
+    );
+    assert!(p99.is_finite() && p99 > 0.0 && p99 <= 10.0, "p99 = {p99}");
+
+    // The installed alerts evaluate against the real series without errors:
+    // the agent has no peers (AgentNoPeers pending, for: 10m), it is up and
+    // scraped (AgentDown and AgentTargetsMissing inactive).
+    let mut rules = Vec::new();
+    let settled = wait_until(|| {
+        let answer = prom.api("/api/v1/rules?type=alert");
+        rules = answer["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let state = |name: &str| {
+            rules
+                .iter()
+                .find(|r| r["name"] == name)
+                .map(|r| r["state"].as_str().unwrap_or("").to_string())
+        };
+        rules.len() == 7
+            && rules.iter().all(|r| r["health"] == "ok")
+            && state("AgentNoPeers").as_deref() == Some("pending")
+    });
+    assert!(
+        settled,
+        "alert rules did not evaluate as expected: {rules:#?}\n{}",
+        prom.log()
+    );
+    for rule in &rules {
+        assert_eq!(rule["lastError"].as_str().unwrap_or(""), "", "{rule}");
+        if ["AgentDown", "AgentTargetsMissing"].contains(&rule["name"].as_str().unwrap()) {
+            assert_eq!(rule["state"], "inactive", "{rule}");
+        }
+    }
+    let pending = rules.iter().find(|r| r["name"] == "AgentNoPeers").unwrap();
+    let alert = &pending["alerts"][0];
+    assert_eq!(alert["labels"]["instance"], instance.as_str(), "{pending}");
+    assert_eq!(alert["labels"]["severity"], "warning", "{pending}");
+}
