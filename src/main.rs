@@ -12,7 +12,11 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_RUNTIME: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "agent", version, about = "Node agent: peers, storage and Prometheus metrics")]
+#[command(
+    name = "agent",
+    version,
+    about = "Node agent: peers, storage and Prometheus metrics"
+)]
 struct Cli {
     /// Configuration file (default: ./agent.yaml when present).
     #[arg(short, long, global = true, value_name = "PATH")]
@@ -49,7 +53,10 @@ fn main() -> ExitCode {
 
 fn run(config: Config, resolved: agent::config::Resolved) -> ExitCode {
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("agent: cannot start the async runtime: {e}");
@@ -62,7 +69,7 @@ fn run(config: Config, resolved: agent::config::Resolved) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            // One line on stderr, like configuration errors; not also a log line.
             eprintln!("agent: {e}");
             ExitCode::from(EXIT_RUNTIME)
         }
