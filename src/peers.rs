@@ -136,9 +136,18 @@ async fn keepalive(stream: TcpStream, policy: &DialPolicy, peers: &Peers, cancel
             Ok(Err(e)) => return e.to_string(),
             Err(_) => return format!("no ping reply within {:?}", policy.ping_interval),
         }
-        tokio::select! {
+        // Between pings, watch the socket: a peer that closes or resets is
+        // noticed (and redialed) now, not at the next ping.
+        let idle = tokio::select! {
             _ = cancel.cancelled() => return "shutdown".into(),
-            _ = tokio::time::sleep(policy.ping_interval) => {}
+            _ = tokio::time::sleep(policy.ping_interval) => None,
+            r = conn.read_line() => Some(r),
+        };
+        match idle {
+            None => {}
+            Some(Ok(Frame::Closed)) => return "closed by peer".into(),
+            Some(Ok(_)) => return "unexpected data from peer between pings".into(),
+            Some(Err(e)) => return e.to_string(),
         }
     }
 }

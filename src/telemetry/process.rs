@@ -98,18 +98,28 @@ mod tests {
     fn samples_cpu_and_memory() {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
+        let wall = Instant::now();
         let mut sampler = metrics::with_local_recorder(&recorder, ProcessSampler::new);
-        // Burn about 200 ms of CPU on this thread.
-        let start = Instant::now();
+        // Burn 200 ms of CPU time. On a loaded machine that takes longer
+        // than 200 ms of wall time, so the bound below uses the wall time.
+        let burn = Duration::from_millis(200);
+        let cpu_start = process_cpu_time();
         let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(200) {
+        while process_cpu_time().saturating_sub(cpu_start) < burn {
             x = x.wrapping_mul(31).wrapping_add(7);
         }
         std::hint::black_box(x);
         metrics::with_local_recorder(&recorder, || sampler.sample());
+        let wall = wall.elapsed();
         let snap = snapshotter.snapshot().into_vec();
         let cpu = gauge(&snap, PROCESS_CPU_USAGE, &[]);
-        assert!(cpu > 50.0 && cpu < 250.0, "one busy thread, got {cpu}%");
+        let at_least = burn.as_secs_f64() / wall.as_secs_f64() * 100.0;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        assert!(
+            cpu >= at_least * 0.99 && cpu <= cores * 100.0 * 1.05,
+            "burned {burn:?} of CPU in {wall:?}: expected {at_least:.1}% to {}%, got {cpu}%",
+            cores * 100.0
+        );
         let mem = gauge(&snap, PROCESS_MEMORY_BYTES, &[]);
         assert!(mem > 1_000_000.0, "rss {mem}");
         assert!(gauge(&snap, "process_threads", &[]) >= 1.0);
