@@ -843,5 +843,13 @@ fn metrics_port_in_use_stops_startup_with_one_line_naming_the_address() {
         "{stderr}"
     );
     assert!(!stderr.contains("agent ready"), "{stderr}");
+    let mentions = stderr
+        .lines()
+        .filter(|l| l.contains("cannot listen for metrics"));
+    assert_eq!(
+        mentions.count(),
+        1,
+        "the error once, not also as a log line:\n{stderr}"
+    );
     drop(holder);
 }
