@@ -80,7 +80,31 @@ fn endpoint_serves_prometheus_text_with_every_metric() {
     let resp = agent.http_get("/metrics");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("Content-Type"), Some(CONTENT_TYPE));
-    let text = resp.body;
+    // The agent's own gauges are on the very first scrape...
+    for name in [
+        "process_cpu_usage",
+        "process_memory_bytes",
+        "agent_peers_connected",
+    ] {
+        let type_line = format!("# TYPE {name} gauge\n");
+        assert!(resp.body.contains(&type_line), "{name} in:\n{}", resp.body);
+    }
+    // ...the metrics-process set once the sampler's first sample, started
+    // just before "agent ready", has run.
+    let complete = |t: &str| {
+        sample(t, "process_memory_bytes", &[]).is_some_and(|v| v > 0.0)
+            && METRICS
+                .iter()
+                .all(|d| t.contains(&format!("# TYPE {} ", d.name)))
+    };
+    let mut text = resp.body;
+    if !complete(&text) {
+        let ok = wait_until(|| {
+            text = agent.scrape();
+            complete(&text)
+        });
+        assert!(ok, "metrics missing:\n{text}");
+    }
 
     // Everything the issue lists is defined in METRICS with the same type...
     for (name, kind) in REQUIRED {
@@ -615,8 +639,9 @@ fn process_metrics_agree_with_proc() {
         let before = vm_rss_bytes(pid);
         let text = agent.scrape();
         let after = vm_rss_bytes(pid);
-        let ours = value(&text, "process_memory_bytes", &[]);
-        let theirs = value(&text, "process_resident_memory_bytes", &[]);
+        // NaN (never within 10%) until the first sample.
+        let ours = sample(&text, "process_memory_bytes", &[]).unwrap_or(f64::NAN);
+        let theirs = sample(&text, "process_resident_memory_bytes", &[]).unwrap_or(f64::NAN);
         last = format!("VmRSS {before}..{after}, process_memory_bytes {ours}, process_resident_memory_bytes {theirs}");
         [ours, theirs]
             .iter()
