@@ -124,4 +124,39 @@ impl Connection {
         self.writer.flush().await?;
         self.writer.shutdown().await
     }
+
+    /// Waits until the peer has acknowledged everything written, or until
+    /// `deadline`.
+    ///
+    /// Closing a socket with unread input makes the kernel reset the
+    /// connection and drop what it has not yet delivered, which would cut
+    /// replies short for a peer that reads slowly and keeps sending; once
+    /// everything is acknowledged, closing loses nothing.
+    pub async fn wait_delivered(&self, deadline: tokio::time::Instant) {
+        while unacknowledged_bytes(self.writer.get_ref().as_ref()) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Bytes written to `stream` that the peer has not acknowledged yet
+/// (0 when unknown).
+#[cfg(target_os = "linux")]
+fn unacknowledged_bytes(stream: &TcpStream) -> libc::c_int {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int for a TCP socket.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc == 0 {
+        n
+    } else {
+        0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged_bytes(_stream: &TcpStream) -> libc::c_int {
+    0
 }

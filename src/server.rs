@@ -97,5 +97,9 @@ async fn serve<S: Storage>(stream: TcpStream, handler: &Handler<S>, max_line: us
             return;
         }
     }
-    let _ = tokio::time::timeout(FINAL_FLUSH, conn.shutdown()).await;
+    let deadline = tokio::time::Instant::now() + FINAL_FLUSH;
+    let _ = tokio::time::timeout_at(deadline, conn.shutdown()).await;
+    // The peer may still be sending; closing now would reset the connection
+    // and drop replies it has not received yet.
+    conn.wait_delivered(deadline).await;
 }

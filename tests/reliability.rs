@@ -1,0 +1,1922 @@
+//! Reliability of the real agent binary under abuse, load and failure, over
+//! real loopback sockets (docs/reliability.md records the measured figures):
+//!
+//! 1. metrics port abuse: thousands of idle or half-sent connections;
+//! 2. hostile peer input: every kind of bad message, stalled and
+//!    non-reading peers, connections beyond the limit;
+//! 3. exact counts with many pipelining peers and connection churn;
+//! 4. Redis outages under load;
+//! 5. `kill -9` under concurrent writes loses no acknowledged put;
+//! 6. SIGTERM under load: answers what it read, exits 0 in time, loses nothing;
+//! 7. process CPU and memory metrics agree with /proc under load.
+//!
+//! Each test prints its figures (`cargo test --test reliability -- --nocapture`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// The open-files limits of this test process, set once before any agent
+/// starts: the soft limit is lowered below the hard one (when there is room)
+/// so that every agent inherits a soft limit it has to raise.
+#[derive(Debug, Clone, Copy)]
+struct FdLimits {
+    /// The soft limit agents inherit.
+    soft: u64,
+    hard: u64,
+}
+
+fn fd_limits() -> FdLimits {
+    static LIMITS: OnceLock<FdLimits> = OnceLock::new();
+    *LIMITS.get_or_init(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid, writable rlimit.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) },
+            0,
+            "getrlimit"
+        );
+        // This process needs a few thousand descriptors (test 1 alone holds
+        // 3,000 sockets); keep three quarters of the hard limit.
+        let lowered = lim.rlim_max / 4 * 3;
+        lim.rlim_cur = if lowered >= 6000 {
+            lowered
+        } else {
+            lim.rlim_max
+        };
+        // SAFETY: as above; the soft limit stays within the hard limit.
+        assert_eq!(
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
+            0,
+            "setrlimit"
+        );
+        FdLimits {
+            soft: lim.rlim_cur,
+            hard: lim.rlim_max,
+        }
+    })
+}
+
+/// Starts an agent after fixing this process's open-files limits. Ports
+/// come from `free_port`, so another process on this machine may take one
+/// first: then it retries with fresh ports (up to 3 attempts).
+fn start(opts: AgentOptions) -> Agent {
+    fd_limits();
+    for attempt in 1.. {
+        let copy = AgentOptions {
+            env: opts.env.clone(),
+            dir: opts.dir.clone(),
+            peer_port: opts.peer_port,
+            metrics_port: opts.metrics_port,
+            wait_ready: opts.wait_ready,
+            args: opts.args.clone(),
+        };
+        match std::panic::catch_unwind(|| Agent::start_with(copy)) {
+            Ok(agent) => return agent,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("");
+                if attempt >= 3 || !message.contains("Address already in use") {
+                    std::panic::resume_unwind(panic);
+                }
+                eprintln!("a port was taken by another process; retrying with fresh ports");
+            }
+        }
+    }
+    unreachable!()
+}
+
+/// One sample, panicking with the page when it is missing.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(text, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{text}"))
+}
+
+/// Polls the endpoint until the sample equals `want`; panics with the last
+/// value otherwise.
+fn wait_for_value(agent: &Agent, name: &str, labels: &[(&str, &str)], want: f64) {
+    let mut last = None;
+    let ok = wait_until(|| {
+        last = sample(&agent.scrape(), name, labels);
+        last == Some(want)
+    });
+    assert!(ok, "{name}{labels:?} stayed {last:?}, expected {want}");
+}
+
+fn vm_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/pid/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line");
+    kb * 1024
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/pid/fd")
+        .count()
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/pid/stat");
+    // Fields after the command name (which may contain spaces): state is
+    // field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields[11].parse().expect("utime");
+    let stime: u64 = fields[12].parse().expect("stime");
+    utime + stime
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(hz > 0, "sysconf(_SC_CLK_TCK)");
+    hz as f64
+}
+
+/// "Max open files" soft and hard limits of a process.
+fn max_open_files(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("/proc/pid/limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files line");
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+fn assert_no_panic(agent: &Agent) {
+    let log = agent.log();
+    assert!(!log.contains("panicked"), "the agent panicked:\n{log}");
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A small deterministic PRNG (xorshift64*), so garbage is reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// A well-behaved peer pinging in the background; it fails the test if a
+/// reply is wrong and records how long the slowest one took.
+struct Monitor {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<(u64, Duration)>,
+}
+
+impl Monitor {
+    fn start(addr: SocketAddr) -> Monitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let mut peer = Peer::connect(addr);
+        let handle = std::thread::spawn(move || {
+            let (mut n, mut slowest) = (0u64, Duration::ZERO);
+            while !flag.load(Ordering::Relaxed) {
+                let (reply, took) = peer.timed_request(&format!(r#"{{"id":"m{n}","op":"ping"}}"#));
+                assert_eq!(reply, format!(r#"{{"id":"m{n}","ok":true}}"#));
+                n += 1;
+                slowest = slowest.max(took);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (n, slowest)
+        });
+        Monitor { stop, handle }
+    }
+
+    /// Stops it: (requests answered, slowest reply).
+    fn finish(self) -> (u64, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("monitor peer failed")
+    }
+}
+
+/// Sends `requests` (one per line) on one connection from a writer thread
+/// while reading the replies; returns them in order.
+fn pipelined(addr: SocketAddr, requests: &[String]) -> Vec<String> {
+    pipelined_counting(addr, requests, &AtomicU64::new(0))
+}
+
+/// [`pipelined`], adding 1 to `progress` for each reply read.
+fn pipelined_counting(addr: SocketAddr, requests: &[String], progress: &AtomicU64) -> Vec<String> {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut bytes = Vec::with_capacity(requests.iter().map(|r| r.len() + 1).sum());
+    for r in requests {
+        bytes.extend_from_slice(r.as_bytes());
+        bytes.push(b'\n');
+    }
+    let mut writer = stream.try_clone().unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || writer.write_all(&bytes).expect("write requests"));
+        let mut reader = BufReader::new(&stream);
+        (0..requests.len())
+            .map(|i| {
+                let mut line = String::new();
+                let n = reader.read_line(&mut line).expect("read reply");
+                assert!(
+                    n > 0 && line.ends_with('\n'),
+                    "reply {i} cut short: {line:?}"
+                );
+                line.pop();
+                progress.fetch_add(1, Ordering::Relaxed);
+                line
+            })
+            .collect()
+    })
+}
+
+// ---------------------------------------------------------------------------
+// 1. Metrics port abuse
+// ---------------------------------------------------------------------------
+
+/// Outcome of one abusive metrics connection.
+struct Abuse {
+    half_sent: bool,
+    /// From the connection being established to the server closing it.
+    closed_after: Duration,
+    /// Bytes the server sent before closing.
+    bytes: usize,
+}
+
+#[test]
+fn metrics_port_abuse_is_capped_and_closed_within_30s() {
+    const CONNECTIONS: usize = 3000;
+    const MAX_METRICS_CONNECTIONS: usize = 64;
+    const CLOSE_BOUND: Duration = Duration::from_secs(30);
+    const PATH: &str = "/agent-metrics";
+    let limits = fd_limits();
+    let agent = start(
+        AgentOptions::default()
+            .env("AGENT_METRICS__PATH", PATH)
+            .env("AGENT_METRICS__MAX_CONNECTIONS", MAX_METRICS_CONNECTIONS),
+    );
+    let pid = agent.pid();
+
+    // The soft open-files limit was raised to the hard one, and logged.
+    let (soft, hard) = max_open_files(pid);
+    assert_eq!(soft, hard, "soft open-files limit not raised");
+    assert_eq!(hard, limits.hard);
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("open-files limit"))
+        .unwrap_or_else(|| panic!("no open-files limit line:\n{log}"));
+    assert!(
+        line.contains(&format!("soft_before={}", limits.soft))
+            && line.contains(&format!("soft={hard}"))
+            && line.contains(&format!("hard={hard}")),
+        "{line}"
+    );
+    println!(
+        "[abuse] RLIMIT_NOFILE: inherited soft {}, agent soft {soft}, hard {hard}",
+        limits.soft
+    );
+
+    let base_fds = open_fds(pid);
+    let addr = agent.metrics_addr;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let opened = Arc::new(AtomicU64::new(0));
+    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|i| {
+            let opened = Arc::clone(&opened);
+            let connecting = Arc::clone(&connecting);
+            rt.spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let permit = connecting.acquire().await.unwrap();
+                let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| format!("connection {i}: connect timed out"))?
+                    .map_err(|e| format!("connection {i}: connect: {e}"))?;
+                let opened_at = Instant::now();
+                let half_sent = i % 2 == 1;
+                if half_sent {
+                    // Half an HTTP request: the request line and one header,
+                    // never the blank line that ends the head.
+                    let _ = s
+                        .write_all(b"GET /agent-metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                        .await;
+                }
+                drop(permit);
+                opened.fetch_add(1, Ordering::Relaxed);
+                let mut buf = [0u8; 4096];
+                let mut bytes = 0;
+                loop {
+                    let read = tokio::time::timeout_at(
+                        (opened_at + 2 * CLOSE_BOUND).into(),
+                        s.read(&mut buf),
+                    )
+                    .await
+                    .map_err(|_| {
+                        format!("connection {i} still open after {:?}", 2 * CLOSE_BOUND)
+                    })?;
+                    match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => bytes += n,
+                    }
+                }
+                Ok::<_, String>(Abuse {
+                    half_sent,
+                    closed_after: opened_at.elapsed(),
+                    bytes,
+                })
+            })
+        })
+        .collect();
+
+    // While the connections open and sit there: the agent's descriptors stay
+    // bounded and peers are served.
+    let mut max_fds = base_fds;
+    let mut peer_latencies = Vec::new();
+    let sample_fds = |max_fds: &mut usize| *max_fds = (*max_fds).max(open_fds(pid));
+    let serve_a_peer = |latencies: &mut Vec<Duration>| {
+        let t = Instant::now();
+        let mut peer = agent.connect();
+        let n = latencies.len();
+        assert_eq!(
+            peer.request(&format!(r#"{{"id":{n},"op":"ping"}}"#)),
+            format!(r#"{{"id":{n},"ok":true}}"#)
+        );
+        latencies.push(t.elapsed());
+    };
+    let deadline = Instant::now() + WAIT;
+    while opened.load(Ordering::Relaxed) < CONNECTIONS as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "opened only {} connections in {WAIT:?}",
+            opened.load(Ordering::Relaxed)
+        );
+        sample_fds(&mut max_fds);
+        serve_a_peer(&mut peer_latencies);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let open_time = started.elapsed();
+    sample_fds(&mut max_fds);
+
+    // All 3,000 are open on our side: a normal scrape, /health and a 404.
+    let scrape_started = Instant::now();
+    let resp = agent.http_get(PATH);
+    let scrape_time = scrape_started.elapsed();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert!(
+        resp.body.contains("agent_build_info"),
+        "not metrics: {resp:?}"
+    );
+    let health = agent.http_get("/health");
+    assert_eq!((health.status, health.body.as_str()), (200, "OK\n"));
+    for path in ["/metrics", "/", "/agent-metrics/x", "/healthz"] {
+        assert_eq!(agent.http_get(path).status, 404, "{path}");
+    }
+
+    // Until the server has closed every one of them.
+    while !tasks.iter().all(|t| t.is_finished()) {
+        assert!(
+            started.elapsed() < 3 * CLOSE_BOUND,
+            "abusive connections still open"
+        );
+        sample_fds(&mut max_fds);
+        serve_a_peer(&mut peer_latencies);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let results: Vec<Abuse> = tasks
+        .into_iter()
+        .map(|t| {
+            rt.block_on(t)
+                .expect("task")
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    drop(rt);
+
+    let (idle, half): (Vec<&Abuse>, Vec<&Abuse>) = results.iter().partition(|a| !a.half_sent);
+    let slowest = |v: &[&Abuse]| v.iter().map(|a| a.closed_after).max().unwrap();
+    // Closed before the header-read timeout could have fired: evicted at
+    // the cap by newer connections.
+    let evicted = results
+        .iter()
+        .filter(|a| a.closed_after < Duration::from_secs(9))
+        .count();
+    for a in &results {
+        assert!(
+            a.closed_after <= CLOSE_BOUND,
+            "a metrics connection (half sent: {}) stayed open {:?}",
+            a.half_sent,
+            a.closed_after
+        );
+    }
+    let answered = results.iter().filter(|a| a.bytes > 0).count();
+    // Concurrent metrics connections are capped: the agent never held more
+    // than a small multiple of the cap, far from the 3,000 offered.
+    let fd_bound = base_fds + 4 * MAX_METRICS_CONNECTIONS;
+    assert!(
+        max_fds <= fd_bound,
+        "agent held {max_fds} descriptors (baseline {base_fds}, bound {fd_bound})"
+    );
+    assert!(
+        wait_until(|| open_fds(pid) <= base_fds + 2),
+        "descriptors did not return to the baseline {base_fds}: {}",
+        open_fds(pid)
+    );
+    peer_latencies.sort();
+    println!(
+        "[abuse] {CONNECTIONS} metrics connections ({} idle, {} half-sent) opened in {:.1} s; \
+         agent fds: baseline {base_fds}, max {max_fds} (cap {MAX_METRICS_CONNECTIONS})",
+        idle.len(),
+        half.len(),
+        open_time.as_secs_f64()
+    );
+    println!(
+        "[abuse] closed by the server: {evicted} evicted at the cap, {} by the 10 s header-read timeout; \
+         slowest idle {:.2} s, slowest half-sent {:.2} s (bound {} s); {answered} got response bytes",
+        CONNECTIONS - evicted,
+        slowest(&idle).as_secs_f64(),
+        slowest(&half).as_secs_f64(),
+        CLOSE_BOUND.as_secs()
+    );
+    println!(
+        "[abuse] scrape under abuse {:.1} ms; {} peer connect+ping round trips, p50 {:.1} ms, max {:.1} ms",
+        ms(scrape_time),
+        peer_latencies.len(),
+        ms(percentile(&peer_latencies, 0.5)),
+        ms(*peer_latencies.last().unwrap())
+    );
+    assert_no_panic(&agent);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Hostile peer input
+// ---------------------------------------------------------------------------
+
+/// Expected totals, kept by the test as it sends.
+#[derive(Default)]
+struct Expected {
+    received: u64,
+    failed: HashMap<&'static str, u64>,
+    storage: HashMap<&'static str, u64>,
+}
+
+impl Expected {
+    fn fail(&mut self, reason: &'static str) {
+        self.received += 1;
+        *self.failed.entry(reason).or_default() += 1;
+    }
+    fn ok(&mut self, storage_op: Option<&'static str>) {
+        self.received += 1;
+        if let Some(op) = storage_op {
+            *self.storage.entry(op).or_default() += 1;
+        }
+    }
+}
+
+/// Hand-written bad messages: (line, reason, id echoed in the reply).
+fn crafted_bad_lines() -> Vec<(Vec<u8>, &'static str, Option<serde_json::Value>)> {
+    use serde_json::json;
+    let key = |k: &str| format!(r#"{{"id":9,"op":"get","key":"{k}"}}"#).into_bytes();
+    let mut cases: Vec<(Vec<u8>, &'static str, Option<serde_json::Value>)> = vec![
+        // Invalid JSON.
+        (b"not json".to_vec(), "parse", None),
+        (b"{".to_vec(), "parse", None),
+        (br#"{"id":1,"op":"ping""#.to_vec(), "parse", None),
+        (br#"{"id":1,"op":'ping'}"#.to_vec(), "parse", None),
+        (br#"{"id":1,"op":"ping"}}"#.to_vec(), "parse", None),
+        (b"\0".to_vec(), "parse", None),
+        (b"{\"op\":\"ping\"}\0".to_vec(), "parse", None),
+        // Invalid UTF-8, inside and outside strings.
+        (b"\xff\xfe\xfd".to_vec(), "parse", None),
+        (
+            b"{\"op\":\"get\",\"key\":\"\xc0\xaf\"}".to_vec(),
+            "parse",
+            None,
+        ),
+        (
+            b"{\"op\":\"get\",\"key\":\"\xed\xa0\x80\"}".to_vec(),
+            "parse",
+            None,
+        ),
+        (b"{\"op\":\"ping\",\"id\":\"\x80\"}".to_vec(), "parse", None),
+        // JSON, but not an object.
+        (b"42".to_vec(), "invalid", None),
+        (b"null".to_vec(), "invalid", None),
+        (b"\"ping\"".to_vec(), "invalid", None),
+        (br#"[{"op":"ping"}]"#.to_vec(), "invalid", None),
+        (b"[1,\"ping\"]".to_vec(), "invalid", None),
+        // Wrong types, missing fields.
+        (br#"{"id":2,"op":5}"#.to_vec(), "invalid", Some(json!(2))),
+        (br#"{"id":3,"op":null}"#.to_vec(), "invalid", Some(json!(3))),
+        (
+            br#"{"id":4,"op":["get"]}"#.to_vec(),
+            "invalid",
+            Some(json!(4)),
+        ),
+        (
+            br#"{"id":5,"op":"get","key":7}"#.to_vec(),
+            "invalid",
+            Some(json!(5)),
+        ),
+        (
+            br#"{"id":6,"op":"get","key":{"k":1}}"#.to_vec(),
+            "invalid",
+            Some(json!(6)),
+        ),
+        (
+            br#"{"id":7,"op":"put","key":"k","value":1}"#.to_vec(),
+            "invalid",
+            Some(json!(7)),
+        ),
+        (
+            br#"{"id":8,"op":"put","key":"k","value":null}"#.to_vec(),
+            "invalid",
+            Some(json!(8)),
+        ),
+        (
+            br#"{"id":"x","op":"put","key":"k"}"#.to_vec(),
+            "invalid",
+            Some(json!("x")),
+        ),
+        (
+            br#"{"id":[1],"op":"get"}"#.to_vec(),
+            "invalid",
+            Some(json!([1])),
+        ),
+        (br#"{"id":1}"#.to_vec(), "invalid", Some(json!(1))),
+        (b"{}".to_vec(), "invalid", None),
+        // Unknown ops.
+        (
+            br#"{"id":10,"op":"fly"}"#.to_vec(),
+            "unknown_op",
+            Some(json!(10)),
+        ),
+        (
+            br#"{"id":11,"op":""}"#.to_vec(),
+            "unknown_op",
+            Some(json!(11)),
+        ),
+        (
+            br#"{"id":12,"op":"PING"}"#.to_vec(),
+            "unknown_op",
+            Some(json!(12)),
+        ),
+        (
+            br#"{"id":13,"op":"get\u0000"}"#.to_vec(),
+            "unknown_op",
+            Some(json!(13)),
+        ),
+        (
+            br#"{"id":14,"op":"drop table"}"#.to_vec(),
+            "unknown_op",
+            Some(json!(14)),
+        ),
+        // Empty keys.
+        (key(""), "invalid", Some(json!(9))),
+        (
+            br#"{"id":15,"op":"put","key":"","value":"v"}"#.to_vec(),
+            "invalid",
+            Some(json!(15)),
+        ),
+        (
+            br#"{"id":16,"op":"delete","key":""}"#.to_vec(),
+            "invalid",
+            Some(json!(16)),
+        ),
+    ];
+    // Keys over 1024 bytes, also when under 1024 characters.
+    for k in ["k".repeat(1025), "k".repeat(8000), "\u{e9}".repeat(513)] {
+        cases.push((key(&k), "invalid", Some(json!(9))));
+    }
+    cases
+}
+
+/// Random bytes with many newlines, NULs, CRs and JSON punctuation; ends
+/// with a newline.
+fn garbage(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut out: Vec<u8> = (0..len)
+        .map(|_| {
+            let r = rng.next();
+            match r % 64 {
+                0..=3 => b'\n',
+                4..=7 => 0,
+                8..=9 => b'\r',
+                10..=13 => b"{}[]\":,"[(r >> 8) as usize % 7],
+                _ => (r >> 16) as u8,
+            }
+        })
+        .collect();
+    out.push(b'\n');
+    out
+}
+
+#[test]
+fn hostile_peer_input_is_answered_counted_and_bounded() {
+    const MAX_LINE: usize = 16 * 1024;
+    const MAX_CONNECTIONS: usize = 8;
+    const FLOOD_MAX: u64 = 300_000;
+    const RSS_GROWTH_BOUND: u64 = 64 << 20;
+    const PROMPT: Duration = Duration::from_secs(2);
+    let agent = start(
+        AgentOptions::default()
+            .env("AGENT_NETWORK__MAX_MESSAGE_BYTES", MAX_LINE)
+            .env("AGENT_NETWORK__MAX_CONNECTIONS", MAX_CONNECTIONS),
+    );
+    let pid = agent.pid();
+    let mut expected = Expected::default();
+    let monitor = Monitor::start(agent.peer_addr);
+
+    // Hand-written bad messages, one at a time: an error reply each, with
+    // the id echoed where the message had a readable one.
+    let mut hostile = agent.connect();
+    let crafted = crafted_bad_lines();
+    for (line, reason, id) in &crafted {
+        let mut bytes = line.clone();
+        bytes.push(b'\n');
+        hostile.send_raw(&bytes);
+        let reply = hostile.read_line().expect("agent closed on a bad message");
+        let reply: serde_json::Value = serde_json::from_str(&reply)
+            .unwrap_or_else(|e| panic!("reply {reply:?} is not JSON: {e}"));
+        let shown = String::from_utf8_lossy(line);
+        assert_eq!(reply["ok"], false, "{shown:.80}: {reply}");
+        assert!(reply["error"].is_string(), "{shown:.80}: {reply}");
+        assert_eq!(reply.get("id"), id.as_ref(), "{shown:.80}: {reply}");
+        expected.fail(reason);
+    }
+    // The limits themselves are fine: a 1024-byte key works.
+    let key = "k".repeat(1024);
+    assert_eq!(hostile.put(&key, "edge"), serde_json::json!({"ok": true}));
+    assert_eq!(
+        hostile.get(&key),
+        serde_json::json!({"ok": true, "value": "edge"})
+    );
+    expected.ok(Some("put"));
+    expected.ok(Some("get"));
+
+    // Binary garbage, sent in one go: one error reply per non-blank line.
+    let mut rng = Rng(0x5eed_1e55_c0ff_ee11);
+    let junk = garbage(&mut rng, 256 * 1024);
+    let mut junk_lines = 0u64;
+    let mut junk_reasons: HashMap<&'static str, u64> = HashMap::new();
+    for segment in junk[..junk.len() - 1].split(|&b| b == b'\n') {
+        let line = segment.strip_suffix(b"\r").unwrap_or(segment);
+        assert!(line.len() < MAX_LINE);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue; // blank lines are skipped without a reply
+        }
+        let failure = agent::protocol::decode(line)
+            .1
+            .expect_err("garbage decoded as a request");
+        let reason = failure.reason.as_str();
+        assert!(reason == "parse" || reason == "invalid", "{reason}");
+        expected.fail(reason);
+        *junk_reasons.entry(reason).or_default() += 1;
+        junk_lines += 1;
+    }
+    std::thread::scope(|s| {
+        let mut w = hostile.writer.try_clone().unwrap();
+        let junk = &junk;
+        s.spawn(move || w.write_all(junk).expect("send garbage"));
+        for i in 0..junk_lines {
+            let reply = hostile
+                .read_line()
+                .unwrap_or_else(|| panic!("closed after {i} garbage replies"));
+            assert!(
+                reply.starts_with(r#"{"ok":false,"error":"#),
+                "garbage reply {i}: {reply}"
+            );
+        }
+    });
+    assert_eq!(
+        hostile.request(r#"{"id":"after-junk","op":"ping"}"#),
+        r#"{"id":"after-junk","ok":true}"#
+    );
+    expected.ok(None);
+    println!(
+        "[hostile] {} crafted bad messages and {} bytes of garbage ({junk_lines} lines: {junk_reasons:?}) \
+         each answered with an error; connection still usable",
+        crafted.len(),
+        junk.len()
+    );
+
+    // A peer that sends half a line and stalls, for the rest of the test.
+    let mut stalled = agent.connect();
+    stalled.send_raw(br#"{"id":"stalled","op":"put","key":"half"#);
+
+    // A peer that pipelines and never reads. Replies to it back up; the
+    // agent then stops reading from it, so its memory stays flat however
+    // much the peer pushes.
+    let big = "b".repeat(1024);
+    assert_eq!(hostile.put("big", &big), serde_json::json!({"ok": true}));
+    expected.ok(Some("put"));
+    let request = |i: u64| match i % 10 {
+        0..=4 => format!("{{\"id\":{i},\"op\":\"ping\"}}\n"),
+        5..=7 => format!("{{\"id\":{i},\"op\":\"get\",\"key\":\"big\"}}\n"),
+        _ => format!("{{\"id\":{i},\"op\":\"teleport\"}}\n"),
+    };
+    let baseline_rss = vm_rss_bytes(pid);
+    let flood_stream = TcpStream::connect(agent.peer_addr).unwrap();
+    let pushed = Arc::new(AtomicU64::new(0));
+    let stop_flood = Arc::new(AtomicBool::new(false));
+    let stalled_since = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let flooder = {
+        let mut w = flood_stream.try_clone().unwrap();
+        w.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let (pushed, stop, stalled_since) =
+            (pushed.clone(), stop_flood.clone(), stalled_since.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + 4 * WAIT;
+            for i in 0..FLOOD_MAX {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let bytes = request(i).into_bytes();
+                let mut off = 0;
+                while off < bytes.len() {
+                    assert!(Instant::now() < deadline, "flood stuck at {i}");
+                    match w.write(&bytes[off..]) {
+                        Ok(n) => {
+                            off += n;
+                            *stalled_since.lock().unwrap() = None;
+                        }
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                        {
+                            stalled_since
+                                .lock()
+                                .unwrap()
+                                .get_or_insert_with(Instant::now);
+                        }
+                        Err(e) => panic!("flood write: {e}"),
+                    }
+                }
+                pushed.store(i + 1, Ordering::Relaxed);
+            }
+        })
+    };
+    // Watch memory until the flood is stuck for a second (back-pressure) or
+    // everything was pushed.
+    let mut peak_rss = baseline_rss;
+    let watch_deadline = Instant::now() + 4 * WAIT;
+    loop {
+        peak_rss = peak_rss.max(vm_rss_bytes(pid));
+        let stuck = stalled_since
+            .lock()
+            .unwrap()
+            .is_some_and(|t| t.elapsed() >= Duration::from_secs(1));
+        if stuck || flooder.is_finished() {
+            break;
+        }
+        assert!(
+            Instant::now() < watch_deadline,
+            "flood neither stuck nor done"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pushed_at_peak = pushed.load(Ordering::Relaxed);
+    let back_pressured = !flooder.is_finished();
+    peak_rss = peak_rss.max(vm_rss_bytes(pid));
+    let growth = peak_rss.saturating_sub(baseline_rss);
+    println!(
+        "[hostile] non-reading peer pushed {pushed_at_peak} requests{}; agent VmRSS baseline {:.1} MiB, \
+         peak {:.1} MiB, growth {:.1} MiB (bound {} MiB)",
+        if back_pressured {
+            " until the agent stopped reading from it (back-pressure)"
+        } else {
+            " (all of them)"
+        },
+        baseline_rss as f64 / 1048576.0,
+        peak_rss as f64 / 1048576.0,
+        growth as f64 / 1048576.0,
+        RSS_GROWTH_BOUND >> 20
+    );
+    assert!(
+        back_pressured || pushed_at_peak >= 50_000,
+        "only {pushed_at_peak} requests pushed"
+    );
+    assert!(
+        growth < RSS_GROWTH_BOUND,
+        "VmRSS grew by {growth} bytes under the flood"
+    );
+    // Now it stops pushing and reads: every request is answered, in order.
+    stop_flood.store(true, Ordering::Relaxed);
+    {
+        flood_stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut reader = BufReader::new(&flood_stream);
+        let mut line = Vec::new();
+        let mut i = 0u64;
+        let deadline = Instant::now() + 4 * WAIT;
+        while !(flooder.is_finished() && i == pushed.load(Ordering::Relaxed)) {
+            assert!(Instant::now() < deadline, "flood replies stopped at {i}");
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => panic!("flood connection closed after {i} replies"),
+                Ok(_) if line.last() == Some(&b'\n') => {}
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue
+                }
+                Err(e) => panic!("reading flood replies: {e}"),
+            }
+            let got = String::from_utf8_lossy(&line);
+            let ok = match i % 10 {
+                0..=4 => got == format!("{{\"id\":{i},\"ok\":true}}\n"),
+                5..=7 => got == format!("{{\"id\":{i},\"ok\":true,\"value\":\"{big}\"}}\n"),
+                _ => got.starts_with(&format!("{{\"id\":{i},\"ok\":false,\"error\":\"unknown op")),
+            };
+            assert!(ok, "flood reply {i}: {got:.80}");
+            match i % 10 {
+                0..=4 => expected.ok(None),
+                5..=7 => expected.ok(Some("get")),
+                _ => expected.fail("unknown_op"),
+            }
+            line.clear();
+            i += 1;
+        }
+        println!("[hostile] then it read all {i} replies, in order");
+    }
+    flooder.join().expect("flooder");
+    drop(flood_stream);
+
+    // Lines over max_message_bytes: an error reply, then the connection closes.
+    let long_ping = format!(
+        "{{\"op\":\"ping\",\"pad\":\"{}\"}}\n",
+        "p".repeat(MAX_LINE + 100)
+    );
+    let endless = vec![b'x'; 3 * MAX_LINE];
+    for bytes in [long_ping.as_bytes(), &endless[..]] {
+        let mut peer = agent.connect();
+        peer.send_raw(bytes);
+        let reply = peer.read_line().expect("an error reply before closing");
+        assert_eq!(
+            reply,
+            format!(
+                r#"{{"ok":false,"error":"message exceeds network.max_message_bytes ({MAX_LINE} bytes); closing connection"}}"#
+            )
+        );
+        peer.expect_closed();
+        expected.fail("too_large");
+    }
+
+    // Connections beyond max_connections are closed at once and not served.
+    // Open now: the monitor, the hostile peer, the stalled peer.
+    wait_for_value(&agent, "agent_peers_connected", &[], 3.0);
+    let mut fillers: Vec<Peer> = (3..MAX_CONNECTIONS).map(|_| agent.connect()).collect();
+    wait_for_value(&agent, "agent_peers_connected", &[], MAX_CONNECTIONS as f64);
+    let mut rejected_after = Vec::new();
+    for i in 0..3 {
+        let mut extra = agent.connect();
+        let _ = extra
+            .writer
+            .write_all(format!("{{\"id\":\"extra{i}\",\"op\":\"ping\"}}\n").as_bytes());
+        rejected_after.push(extra.expect_closed());
+    }
+    for (i, f) in fillers.iter_mut().enumerate() {
+        assert_eq!(
+            f.request(&format!(r#"{{"id":{i},"op":"ping"}}"#)),
+            format!(r#"{{"id":{i},"ok":true}}"#)
+        );
+        expected.ok(None);
+    }
+    drop(fillers);
+
+    // The stalled peer was kept all along: finishing its line gets a reply.
+    assert_eq!(
+        stalled.request(r#"","value":"v"}"#),
+        r#"{"id":"stalled","ok":true}"#
+    );
+    expected.ok(Some("put"));
+
+    let (monitor_requests, monitor_slowest) = monitor.finish();
+    expected.received += monitor_requests;
+    println!(
+        "[hostile] well-behaved peer: {monitor_requests} pings, slowest reply {:.1} ms (bound {} ms); \
+         3 connections over the limit closed after at most {:.1} ms",
+        ms(monitor_slowest),
+        PROMPT.as_millis(),
+        ms(*rejected_after.iter().max().unwrap())
+    );
+    assert!(
+        monitor_slowest < PROMPT,
+        "a well-behaved peer waited {monitor_slowest:?}"
+    );
+
+    // Every message is counted exactly once, under exactly one reason.
+    let text = agent.scrape();
+    let mut counted = HashMap::new();
+    for reason in ["parse", "invalid", "unknown_op", "too_large", "storage"] {
+        let got = value(&text, "messages_failed_total", &[("reason", reason)]);
+        let want = expected.failed.get(reason).copied().unwrap_or(0);
+        assert_eq!(got, want as f64, "messages_failed_total{{reason={reason}}}");
+        counted.insert(reason, got as u64);
+    }
+    assert_eq!(
+        value(&text, "messages_received_total", &[]),
+        expected.received as f64
+    );
+    assert_eq!(
+        value(&text, "message_processing_duration_seconds_count", &[]),
+        expected.received as f64
+    );
+    for op in ["get", "put", "delete"] {
+        assert_eq!(
+            value(
+                &text,
+                "storage_operations_total",
+                &[("operation", op), ("backend", "local")]
+            ),
+            expected.storage.get(op).copied().unwrap_or(0) as f64,
+            "storage_operations_total{{operation={op}}}"
+        );
+    }
+    assert_eq!(value(&text, "agent_connections_rejected_total", &[]), 3.0);
+    println!(
+        "[hostile] counted exactly: messages_received_total {}, messages_failed_total {counted:?}",
+        expected.received
+    );
+    assert_no_panic(&agent);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Exact counts under concurrency
+// ---------------------------------------------------------------------------
+
+/// Request `i` of concurrency peer `t`, and the reply prefix it must get.
+fn mixed_request(t: usize, i: usize) -> (String, String, Option<&'static str>) {
+    let key = format!("c{t}-{}", i % 64);
+    match i % 8 {
+        0..=2 => (
+            format!(r#"{{"id":{i},"op":"put","key":"{key}","value":"{t}:{i}"}}"#),
+            format!(r#"{{"id":{i},"ok":true}}"#),
+            Some("put"),
+        ),
+        3 | 4 => (
+            format!(r#"{{"id":{i},"op":"get","key":"{key}"}}"#),
+            format!(r#"{{"id":{i},"ok":true,"value":"#),
+            Some("get"),
+        ),
+        5 => (
+            format!(r#"{{"id":{i},"op":"delete","key":"{key}"}}"#),
+            format!(r#"{{"id":{i},"ok":true,"deleted":"#),
+            Some("delete"),
+        ),
+        6 => (
+            format!(r#"{{"id":{i},"op":"ping"}}"#),
+            format!(r#"{{"id":{i},"ok":true}}"#),
+            None,
+        ),
+        _ if i % 16 == 7 => (
+            format!(r#"{{"id":{i},"op":"warp"}}"#),
+            format!(r#"{{"id":{i},"ok":false,"error":"unknown op"#),
+            Some("unknown_op"),
+        ),
+        _ => (
+            format!(r#"{{"id":{i},"op":"get","key":""}}"#),
+            format!(r#"{{"id":{i},"ok":false,"error":"#),
+            Some("invalid"),
+        ),
+    }
+}
+
+#[test]
+fn counts_are_exact_with_32_pipelining_peers_and_connection_churn() {
+    const PEERS: usize = 32;
+    const MESSAGES: usize = 2000;
+    const CHURN: usize = 500;
+    let agent = start(AgentOptions::default());
+    let addr = agent.peer_addr;
+
+    let mut want: HashMap<&'static str, u64> = HashMap::new();
+    for t in 0..PEERS {
+        for i in 0..MESSAGES {
+            if let Some(kind) = mixed_request(t, i).2 {
+                *want.entry(kind).or_default() += 1;
+            }
+        }
+    }
+    // Churn: every fourth connection sends a ping and reads its reply
+    // before leaving; half of all connections leave with a reset.
+    let churn_pings = (0..CHURN).filter(|i| i % 4 == 0).count() as u64;
+
+    let started = Instant::now();
+    let barrier = Barrier::new(PEERS + 1);
+    let replied = AtomicU64::new(0);
+    let replied = &replied;
+    let churn_time = std::thread::scope(|s| {
+        for t in 0..PEERS {
+            let barrier = &barrier;
+            s.spawn(move || {
+                let requests: Vec<(String, String, Option<&str>)> =
+                    (0..MESSAGES).map(|i| mixed_request(t, i)).collect();
+                let lines: Vec<String> = requests.iter().map(|r| r.0.clone()).collect();
+                barrier.wait();
+                let replies = pipelined_counting(addr, &lines, replied);
+                for (i, (reply, (_, prefix, _))) in replies.iter().zip(&requests).enumerate() {
+                    assert!(
+                        reply.starts_with(prefix.as_str()),
+                        "peer {t} reply {i}: {reply} (expected {prefix}...)"
+                    );
+                }
+            });
+        }
+        let churn = s.spawn(|| {
+            barrier.wait();
+            let t = Instant::now();
+            // Spread over the peers' run: connection i waits for its share
+            // of their replies.
+            let step = (PEERS * MESSAGES / (CHURN + CHURN / 4)) as u64;
+            for i in 0..CHURN {
+                let deadline = Instant::now() + WAIT;
+                while replied.load(Ordering::Relaxed) < i as u64 * step {
+                    assert!(Instant::now() < deadline, "peers stalled");
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                let mut peer = Peer::connect(addr);
+                if i % 4 == 0 {
+                    assert_eq!(
+                        peer.request(&format!(r#"{{"id":"churn{i}","op":"ping"}}"#)),
+                        format!(r#"{{"id":"churn{i}","ok":true}}"#)
+                    );
+                }
+                if i % 2 == 0 {
+                    peer.reset();
+                } else {
+                    drop(peer);
+                }
+            }
+            (t.elapsed(), replied.load(Ordering::Relaxed))
+        });
+        churn.join().unwrap()
+    });
+    let (churn_time, replied_when_churn_done) = churn_time;
+    assert!(
+        replied_when_churn_done < (PEERS * MESSAGES) as u64,
+        "the churn did not overlap the peers"
+    );
+    let elapsed = started.elapsed();
+
+    wait_for_value(&agent, "agent_peers_connected", &[], 0.0);
+    let total = (PEERS * MESSAGES) as u64 + churn_pings;
+    let text = agent.scrape();
+    assert_eq!(value(&text, "messages_received_total", &[]), total as f64);
+    assert_eq!(
+        value(&text, "message_processing_duration_seconds_count", &[]),
+        total as f64
+    );
+    for op in ["put", "get", "delete"] {
+        let labels = [("operation", op), ("backend", "local")];
+        let n = want[op] as f64;
+        assert_eq!(value(&text, "storage_operations_total", &labels), n, "{op}");
+        assert_eq!(
+            value(&text, "storage_operation_duration_seconds_count", &labels),
+            n,
+            "{op}"
+        );
+        assert_eq!(
+            value(&text, "storage_operation_errors_total", &labels),
+            0.0,
+            "{op}"
+        );
+    }
+    for reason in ["unknown_op", "invalid"] {
+        assert_eq!(
+            value(&text, "messages_failed_total", &[("reason", reason)]),
+            want[reason] as f64,
+            "{reason}"
+        );
+    }
+    for reason in ["parse", "too_large", "storage"] {
+        assert_eq!(
+            value(&text, "messages_failed_total", &[("reason", reason)]),
+            0.0
+        );
+    }
+    assert_eq!(value(&text, "agent_connections_rejected_total", &[]), 0.0);
+    println!(
+        "[concurrency] {PEERS} peers x {MESSAGES} pipelined messages + {CHURN} churned connections \
+         ({} reset, {churn_pings} with a ping) in {:.1} s (churn over the first {:.1} s, {:.0} msg/s); \
+         counted exactly: received {total}, put {}, get {}, delete {}, unknown_op {}, invalid {}; \
+         agent_peers_connected back to 0",
+        CHURN / 2,
+        elapsed.as_secs_f64(),
+        churn_time.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        want["put"],
+        want["get"],
+        want["delete"],
+        want["unknown_op"],
+        want["invalid"],
+    );
+    assert_no_panic(&agent);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Redis outage under load
+// ---------------------------------------------------------------------------
+
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// One storage request of a load peer.
+#[derive(Clone, Copy)]
+struct Op {
+    started: Instant,
+    took: Duration,
+    ok: bool,
+}
+
+/// Peers sending storage requests back to back until stopped.
+struct RedisLoad {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<Vec<Op>>>,
+    /// (successes, errors) per peer so far.
+    progress: Vec<Arc<(AtomicU64, AtomicU64)>>,
+}
+
+impl RedisLoad {
+    fn start(addr: SocketAddr, peers: usize) -> RedisLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        let mut progress = Vec::new();
+        for t in 0..peers {
+            let stop = Arc::clone(&stop);
+            let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+            progress.push(Arc::clone(&counts));
+            let mut peer = Peer::connect(addr);
+            handles.push(std::thread::spawn(move || {
+                let mut ops = Vec::new();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("r{t}-{}", n % 32);
+                    let line = match n % 4 {
+                        0 | 1 => format!(r#"{{"id":{n},"op":"put","key":"{key}","value":"{n}"}}"#),
+                        2 => format!(r#"{{"id":{n},"op":"get","key":"{key}"}}"#),
+                        _ => format!(r#"{{"id":{n},"op":"delete","key":"{key}"}}"#),
+                    };
+                    let started = Instant::now();
+                    let (reply, took) = peer.timed_request(&line);
+                    let ok = if reply.starts_with(&format!(r#"{{"id":{n},"ok":true"#)) {
+                        true
+                    } else if reply
+                        .starts_with(&format!(r#"{{"id":{n},"ok":false,"error":"storage "#))
+                    {
+                        false
+                    } else {
+                        panic!("unexpected reply to {line}: {reply}");
+                    };
+                    let counter = if ok { &counts.0 } else { &counts.1 };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    ops.push(Op { started, took, ok });
+                    n += 1;
+                }
+                ops
+            }));
+        }
+        RedisLoad {
+            stop,
+            handles,
+            progress,
+        }
+    }
+
+    fn counts(&self) -> Vec<(u64, u64)> {
+        self.progress
+            .iter()
+            .map(|c| (c.0.load(Ordering::Relaxed), c.1.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Waits until every peer has `more` further successes (`ok`) or errors.
+    fn wait_each(&self, ok: bool, more: u64) {
+        let base = self.counts();
+        let pick = |c: &(u64, u64)| if ok { c.0 } else { c.1 };
+        let done = wait_until(|| {
+            self.counts()
+                .iter()
+                .zip(&base)
+                .all(|(now, then)| pick(now) >= pick(then) + more)
+        });
+        assert!(
+            done,
+            "peers did not see {more} more {} (counts {:?}, before {base:?})",
+            if ok { "successes" } else { "errors" },
+            self.counts()
+        );
+    }
+
+    fn finish(self) -> Vec<Vec<Op>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handles
+            .into_iter()
+            .map(|h| h.join().expect("load peer failed"))
+            .collect()
+    }
+}
+
+fn redis_agent(redis: &RedisServer) -> Agent {
+    start(
+        AgentOptions::default()
+            .env("AGENT_STORAGE__BACKEND", "redis")
+            .env("AGENT_STORAGE__REDIS__URL", redis.url())
+            .env("AGENT_STORAGE__REDIS__TIMEOUT", "500ms"),
+    )
+}
+
+fn redis_sum(text: &str, name: &str) -> f64 {
+    ["get", "put", "delete"]
+        .iter()
+        .map(|op| value(text, name, &[("operation", op), ("backend", "redis")]))
+        .sum()
+}
+
+/// Checks the counters against what the peers saw, and that no storage
+/// operation outlasted the timeout by more than scheduling slack (the 1 s
+/// bucket holds every operation).
+fn assert_redis_counts(agent: &Agent, ops: &[Vec<Op>]) -> (u64, u64) {
+    let all: Vec<&Op> = ops.iter().flatten().collect();
+    let errors = all.iter().filter(|o| !o.ok).count() as u64;
+    let total = all.len() as u64;
+    let text = agent.scrape();
+    assert_eq!(redis_sum(&text, "storage_operations_total"), total as f64);
+    assert_eq!(
+        redis_sum(&text, "storage_operation_errors_total"),
+        errors as f64
+    );
+    assert_eq!(
+        value(&text, "messages_failed_total", &[("reason", "storage")]),
+        errors as f64
+    );
+    assert_eq!(value(&text, "messages_received_total", &[]), total as f64);
+    for op in ["get", "put", "delete"] {
+        let labels = [("operation", op), ("backend", "redis")];
+        let mut with_le = labels.to_vec();
+        with_le.push(("le", "1"));
+        assert_eq!(
+            value(&text, "storage_operation_duration_seconds_bucket", &with_le),
+            value(&text, "storage_operation_duration_seconds_count", &labels),
+            "a Redis {op} took over 1 s"
+        );
+    }
+    (total, errors)
+}
+
+/// What the peers saw in one outage, from `down` (Redis gone) to `back`
+/// (bringing it back began): (sorted error latencies, how long after `up`
+/// (Redis answering again) the slowest peer succeeded again).
+fn outage_figures(
+    ops: &[Vec<Op>],
+    down: Instant,
+    back: Instant,
+    up: Instant,
+) -> (Vec<Duration>, Duration) {
+    let inside = |o: &&Op| o.started >= down && o.started + o.took <= back;
+    assert!(
+        ops.iter().flatten().filter(inside).all(|o| !o.ok),
+        "a request succeeded while Redis was unavailable"
+    );
+    let mut errors: Vec<Duration> = ops
+        .iter()
+        .flatten()
+        .filter(|o| !o.ok && o.started + o.took >= down && o.started < up)
+        .map(|o| o.took)
+        .collect();
+    errors.sort();
+    assert!(!errors.is_empty(), "no errors during the outage");
+    let recovery = ops
+        .iter()
+        .map(|peer| {
+            peer.iter()
+                .find(|o| o.ok && o.started + o.took > back)
+                .map(|o| (o.started + o.took).saturating_duration_since(up))
+                .expect("a success after Redis came back")
+        })
+        .max()
+        .unwrap();
+    (errors, recovery)
+}
+
+#[test]
+fn redis_outage_under_load_fails_fast_and_recovers_without_restart() {
+    const PEERS: usize = 4;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let agent = redis_agent(&redis);
+    let load = RedisLoad::start(agent.peer_addr, PEERS);
+    load.wait_each(true, 50);
+
+    // 1. redis-server killed: error replies, counted, while /metrics stays up.
+    redis.stop();
+    let down = Instant::now();
+    load.wait_each(false, 10);
+    let errors_then = redis_sum(&agent.scrape(), "storage_operation_errors_total");
+    load.wait_each(false, 10);
+    let errors_now = redis_sum(&agent.scrape(), "storage_operation_errors_total");
+    assert!(
+        errors_now > errors_then && errors_then > 0.0,
+        "storage_operation_errors_total {errors_then} then {errors_now}"
+    );
+    assert_eq!(agent.http_get("/health").status, 200);
+    let back = Instant::now();
+    redis.restart();
+    let up = Instant::now();
+    load.wait_each(true, 50);
+
+    // 2. redis-server hung (SIGSTOP): requests are cut off at the timeout.
+    let pid = redis.pid() as i32;
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let hung = Instant::now();
+    load.wait_each(false, 4);
+    let errors_hung = redis_sum(&agent.scrape(), "storage_operation_errors_total");
+    assert!(errors_hung > errors_now);
+    let cont = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let resumed = Instant::now();
+    load.wait_each(true, 50);
+    let ops = load.finish();
+
+    let (down_errors, down_recovery) = outage_figures(&ops, down, back, up);
+    let (hung_errors, hung_recovery) = outage_figures(&ops, hung, cont, resumed);
+    let (total, errors) = assert_redis_counts(&agent, &ops);
+    println!(
+        "[redis] {PEERS} peers sending back to back, {total} storage requests, {errors} error replies in all; \
+         /metrics and /health up throughout (storage.redis.timeout {} ms)",
+        REDIS_TIMEOUT.as_millis()
+    );
+    for (what, errs, recovery, secs) in [
+        ("killed", &down_errors, down_recovery, back - down),
+        ("hung (SIGSTOP)", &hung_errors, hung_recovery, cont - hung),
+    ] {
+        println!(
+            "[redis] redis-server {what} for {:.1} s: {} error replies, latency p50 {:.1} ms, \
+             max {:.1} ms; every peer succeeding again {:.0} ms after it was back",
+            secs.as_secs_f64(),
+            errs.len(),
+            ms(percentile(errs, 0.5)),
+            ms(*errs.last().unwrap()),
+            ms(recovery)
+        );
+    }
+    let slowest = *down_errors.last().unwrap().max(hung_errors.last().unwrap());
+    assert!(
+        slowest <= REDIS_TIMEOUT + Duration::from_millis(500),
+        "an error reply took {slowest:?}"
+    );
+    assert!(
+        percentile(&hung_errors, 0.5) >= REDIS_TIMEOUT,
+        "a hung Redis should be cut off by the timeout"
+    );
+    assert_no_panic(&agent);
+}
+
+#[test]
+fn redis_down_at_startup_under_load_recovers_when_it_appears() {
+    const PEERS: usize = 4;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    redis.stop();
+    let agent = redis_agent(&redis);
+    assert!(
+        agent.log().contains("Redis is unreachable"),
+        "no warning:\n{}",
+        agent.log()
+    );
+    let load = RedisLoad::start(agent.peer_addr, PEERS);
+    load.wait_each(false, 20);
+    assert!(redis_sum(&agent.scrape(), "storage_operation_errors_total") > 0.0);
+    let restart = Instant::now();
+    redis.restart();
+    let up = Instant::now();
+    load.wait_each(true, 50);
+    let ops = load.finish();
+    assert!(ops
+        .iter()
+        .flatten()
+        .filter(|o| o.started + o.took <= restart)
+        .all(|o| !o.ok));
+    let slowest_error = ops
+        .iter()
+        .flatten()
+        .filter(|o| !o.ok)
+        .map(|o| o.took)
+        .max()
+        .unwrap();
+    let recovery = ops
+        .iter()
+        .map(|peer| {
+            let o = peer.iter().find(|o| o.ok).expect("a success");
+            (o.started + o.took).saturating_duration_since(up)
+        })
+        .max()
+        .unwrap();
+    let (total, errors) = assert_redis_counts(&agent, &ops);
+    println!(
+        "[redis] started with Redis down: warned; {PEERS} peers, {total} requests, {errors} errors, \
+         slowest error {:.1} ms; every peer succeeding {:.0} ms after redis-server came up",
+        ms(slowest_error),
+        ms(recovery)
+    );
+    assert!(slowest_error <= REDIS_TIMEOUT + Duration::from_millis(500));
+    assert_no_panic(&agent);
+}
+
+// ---------------------------------------------------------------------------
+// 5, 6. Writers under kill -9 and SIGTERM
+// ---------------------------------------------------------------------------
+
+fn put_key(t: usize, seq: u64) -> String {
+    format!("w{t}-{seq}")
+}
+
+fn put_value(t: usize, seq: u64) -> String {
+    format!(
+        "value {t}/{seq}/{}",
+        seq.wrapping_mul(0x9e37_79b9) % 1_000_003
+    )
+}
+
+/// How a writer's reply stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum StreamEnd {
+    Eof,
+    Reset,
+    /// A reply line cut short after this many bytes.
+    Truncated(usize),
+}
+
+/// One peer pipelining puts of unique keys (at most `WINDOW` unanswered)
+/// from a writer thread, with a reader thread checking every reply.
+///
+/// A slow one writes without a window, alternately a get of the value of
+/// `big` and a put (odd ids), starts reading only when `go` is set and then
+/// pauses after each reply: megabytes of replies wait in the agent's socket
+/// while more requests arrive, like a peer on a slow link.
+struct Writer {
+    written: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<Option<StreamEnd>>>,
+}
+
+const WINDOW: u64 = 128;
+
+impl Writer {
+    fn start(addr: SocketAddr, t: usize, total_acked: Arc<AtomicU64>) -> Writer {
+        Self::start_with(addr, t, total_acked, None)
+    }
+
+    /// A slow reader, pausing `pause` after each reply.
+    fn slow(
+        addr: SocketAddr,
+        t: usize,
+        big: Arc<String>,
+        pause: Duration,
+        go: Arc<AtomicBool>,
+    ) -> Writer {
+        Self::start_with(addr, t, Arc::new(AtomicU64::new(0)), Some((big, pause, go)))
+    }
+
+    fn start_with(
+        addr: SocketAddr,
+        t: usize,
+        total_acked: Arc<AtomicU64>,
+        slow: Option<(Arc<String>, Duration, Arc<AtomicBool>)>,
+    ) -> Writer {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let written = Arc::new(AtomicU64::new(0));
+        let acked = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let mut stream = stream.try_clone().unwrap();
+            let (written, acked, stop) = (written.clone(), acked.clone(), stop.clone());
+            let slow = slow.is_some();
+            std::thread::spawn(move || {
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if !slow && seq - acked.load(Ordering::Relaxed) >= WINDOW {
+                        std::thread::sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                    let line = if slow && seq.is_multiple_of(2) {
+                        format!("{{\"id\":{seq},\"op\":\"get\",\"key\":\"big\"}}\n")
+                    } else {
+                        format!(
+                            "{{\"id\":{seq},\"op\":\"put\",\"key\":\"{}\",\"value\":\"{}\"}}\n",
+                            put_key(t, seq),
+                            put_value(t, seq)
+                        )
+                    };
+                    if stream.write_all(line.as_bytes()).is_err() {
+                        break;
+                    }
+                    seq += 1;
+                    written.store(seq, Ordering::Relaxed);
+                    if slow && seq.is_multiple_of(50) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                None
+            })
+        };
+        let reader = {
+            let (acked, stop) = (acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                if let Some((_, _, go)) = &slow {
+                    let deadline = Instant::now() + WAIT;
+                    while !go.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                let mut reader = BufReader::new(stream);
+                let mut line = Vec::new();
+                let end = loop {
+                    line.clear();
+                    match reader.read_until(b'\n', &mut line) {
+                        Ok(0) => break StreamEnd::Eof,
+                        Ok(_) if line.last() != Some(&b'\n') => {
+                            break StreamEnd::Truncated(line.len())
+                        }
+                        Ok(_) => {
+                            let seq = acked.load(Ordering::Relaxed);
+                            let want = match &slow {
+                                Some((big, _, _)) if seq % 2 == 0 => {
+                                    format!("{{\"id\":{seq},\"ok\":true,\"value\":\"{big}\"}}\n")
+                                }
+                                _ => format!("{{\"id\":{seq},\"ok\":true}}\n"),
+                            };
+                            assert!(
+                                line == want.as_bytes(),
+                                "writer {t}: reply {seq} is {:.80}",
+                                String::from_utf8_lossy(&line)
+                            );
+                            acked.store(seq + 1, Ordering::Relaxed);
+                            total_acked.fetch_add(1, Ordering::Relaxed);
+                            if let Some((_, pause, _)) = &slow {
+                                std::thread::sleep(*pause);
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::ConnectionReset => break StreamEnd::Reset,
+                        Err(e) => panic!("writer {t}: reading replies: {e}"),
+                    }
+                };
+                // The agent is done with us: stop writing and close.
+                stop.store(true, Ordering::Relaxed);
+                Some(end)
+            })
+        };
+        Writer {
+            written,
+            acked,
+            threads: vec![writer, reader],
+        }
+    }
+
+    /// Waits for both threads: (requests written, replies, how it ended).
+    fn finish(self) -> (u64, u64, StreamEnd) {
+        let ends: Vec<Option<StreamEnd>> = self
+            .threads
+            .into_iter()
+            .map(|h| h.join().expect("writer thread failed"))
+            .collect();
+        let end = ends.into_iter().flatten().next().expect("reader result");
+        (
+            self.written.load(Ordering::Relaxed),
+            self.acked.load(Ordering::Relaxed),
+            end,
+        )
+    }
+}
+
+/// Reads back keys 0..=written of each writer after a restart: every
+/// acknowledged put must be there with its value; returns how many
+/// unacknowledged ones were found, each with exactly its value. `t0` is
+/// the first writer's number; slow writers put at odd ids only.
+fn read_back(agent: &Agent, results: &[(u64, u64, StreamEnd)], t0: usize, slow: bool) -> u64 {
+    let mut unacked_present = 0;
+    for (i, (written, acked, _)) in results.iter().enumerate() {
+        let t = t0 + i;
+        let seqs: Vec<u64> = (0..=*written).filter(|s| !slow || s % 2 == 1).collect();
+        let requests: Vec<String> = seqs
+            .iter()
+            .map(|&seq| format!(r#"{{"op":"get","key":"{}"}}"#, put_key(t, seq)))
+            .collect();
+        let replies = pipelined(agent.peer_addr, &requests);
+        for (&seq, reply) in seqs.iter().zip(&replies) {
+            let want = format!(
+                r#"{{"ok":true,"value":{}}}"#,
+                serde_json::Value::String(put_value(t, seq))
+            );
+            if seq < *acked {
+                assert_eq!(reply, &want, "acknowledged put {t}/{seq} lost or changed");
+            } else if reply == &want {
+                unacked_present += 1;
+            } else {
+                assert_eq!(reply, r#"{"ok":true,"value":null}"#, "put {t}/{seq}");
+            }
+        }
+    }
+    unacked_present
+}
+
+fn restart_on(dir: &Arc<tempfile::TempDir>) -> Agent {
+    start(AgentOptions {
+        dir: Some(Arc::clone(dir)),
+        ..AgentOptions::default()
+    })
+}
+
+fn wait_for_acks(total: &AtomicU64, n: u64) {
+    let deadline = Instant::now() + 2 * WAIT;
+    while total.load(Ordering::Relaxed) < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} puts acknowledged",
+            total.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn acknowledged_puts_survive_kill_9_under_concurrent_writers() {
+    const WRITERS: usize = 8;
+    const ACKED: u64 = 5000;
+    let mut agent = start(AgentOptions::default());
+    let dir = Arc::clone(&agent.dir);
+    let total = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let writers: Vec<Writer> = (0..WRITERS)
+        .map(|t| Writer::start(agent.peer_addr, t, Arc::clone(&total)))
+        .collect();
+    wait_for_acks(&total, ACKED);
+    // Right away, with more puts in flight on every connection.
+    agent.kill9();
+    let elapsed = started.elapsed();
+    let results: Vec<(u64, u64, StreamEnd)> = writers.into_iter().map(Writer::finish).collect();
+    for (t, (_, _, end)) in results.iter().enumerate() {
+        assert!(
+            !matches!(end, StreamEnd::Truncated(_)),
+            "writer {t}: {end:?}"
+        );
+    }
+    let acked: u64 = results.iter().map(|r| r.1).sum();
+    let written: u64 = results.iter().map(|r| r.0).sum();
+    assert!(acked >= ACKED);
+
+    let agent = restart_on(&dir);
+    let unacked_present = read_back(&agent, &results, 0, false);
+    println!(
+        "[kill-9] {WRITERS} writers, killed after {acked} acknowledged puts ({:.1} s, {:.0} puts/s), \
+         {} written but unanswered: all {acked} acknowledged read back exactly after restart; \
+         {unacked_present} unanswered ones were committed too",
+        elapsed.as_secs_f64(),
+        acked as f64 / elapsed.as_secs_f64(),
+        written - acked
+    );
+    assert_no_panic(&agent);
+}
+
+#[test]
+fn sigterm_under_load_answers_what_it_read_exits_0_in_time_and_loses_nothing() {
+    const WRITERS: usize = 8;
+    const BEFORE: u64 = 2000;
+    const SLOW: usize = 2;
+    /// Slow writer `i` puts the keys of writer `SLOW_T0 + i`.
+    const SLOW_T0: usize = 100;
+    const BIG: usize = 8 * 1024;
+    const SLOW_PAUSE: Duration = Duration::from_millis(1);
+    const EXIT_BOUND: Duration = Duration::from_secs(10);
+    let mut agent = start(AgentOptions::default());
+    let dir = Arc::clone(&agent.dir);
+    let total = Arc::new(AtomicU64::new(0));
+    let big = Arc::new("b".repeat(BIG));
+    assert_eq!(
+        agent.connect().put("big", &big),
+        serde_json::json!({"ok": true})
+    );
+    let go = Arc::new(AtomicBool::new(false));
+    let slow: Vec<Writer> = (0..SLOW)
+        .map(|i| {
+            Writer::slow(
+                agent.peer_addr,
+                SLOW_T0 + i,
+                Arc::clone(&big),
+                SLOW_PAUSE,
+                Arc::clone(&go),
+            )
+        })
+        .collect();
+    let writers: Vec<Writer> = (0..WRITERS)
+        .map(|t| Writer::start(agent.peer_addr, t, Arc::clone(&total)))
+        .collect();
+    wait_for_acks(&total, BEFORE);
+    let signalled = Instant::now();
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
+    go.store(true, Ordering::Relaxed);
+    let status = agent.wait_exit();
+    let exit_time = signalled.elapsed();
+    let results: Vec<(u64, u64, StreamEnd)> = writers.into_iter().map(Writer::finish).collect();
+    let slow: Vec<(u64, u64, StreamEnd)> = slow.into_iter().map(Writer::finish).collect();
+    let log = agent.log();
+    assert!(status.success(), "exit status {status}:\n{log}");
+    assert!(
+        exit_time <= EXIT_BOUND,
+        "took {exit_time:?} to exit:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    let acked: u64 = results.iter().map(|r| r.1).sum();
+    let written: u64 = results.iter().map(|r| r.0).sum();
+
+    // Every acknowledged put is there; a put that was executed was read, so
+    // its reply must have arrived too.
+    let agent = restart_on(&dir);
+    let unacked_present = read_back(&agent, &results, 0, false);
+    let slow_unacked_present = read_back(&agent, &slow, SLOW_T0, true);
+    println!(
+        "[sigterm] SIGTERM after {BEFORE}+ acknowledged puts from {WRITERS} writers: exit code {:?} in \
+         {:.2} s (bound {} s); writers: {acked} puts answered, {} written but not answered, \
+         {unacked_present} of those committed (must be 0), ends {:?}",
+        status.code(),
+        exit_time.as_secs_f64(),
+        EXIT_BOUND.as_secs(),
+        written - acked,
+        results.iter().map(|r| &r.2).collect::<Vec<_>>()
+    );
+    println!(
+        "[sigterm] {SLOW} slow readers (gets of a {} KiB value and puts, reading only after the signal): \
+         replies {:?}, {slow_unacked_present} unanswered puts committed (must be 0), ends {:?}",
+        BIG / 1024,
+        slow.iter().map(|r| r.1).collect::<Vec<_>>(),
+        slow.iter().map(|r| &r.2).collect::<Vec<_>>()
+    );
+    // Each connection ends with EOF right after a complete reply.
+    for (t, (_, _, end)) in results.iter().enumerate() {
+        assert_eq!(end, &StreamEnd::Eof, "writer {t}");
+    }
+    for (t, (_, replies, end)) in slow.iter().enumerate() {
+        assert_eq!(
+            end,
+            &StreamEnd::Eof,
+            "slow reader {t} after {replies} replies"
+        );
+    }
+    assert_eq!(
+        (unacked_present, slow_unacked_present),
+        (0, 0),
+        "puts were executed but their replies never arrived"
+    );
+    assert_no_panic(&agent);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Process metrics under load
+// ---------------------------------------------------------------------------
+
+#[test]
+fn process_metrics_match_proc_under_cpu_load() {
+    const LOADERS: usize = 3;
+    const INTERVALS: usize = 6;
+    let agent = start(AgentOptions::default().env("AGENT_METRICS__PROCESS_INTERVAL", "1s"));
+    let pid = agent.pid();
+    let hz = clock_ticks_per_second();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loaders: Vec<JoinHandle<()>> = (0..LOADERS)
+        .map(|t| {
+            let stop = Arc::clone(&stop);
+            let mut peer = agent.connect();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let line = if n.is_multiple_of(2) {
+                        format!(r#"{{"id":{n},"op":"ping"}}"#)
+                    } else {
+                        format!(r#"{{"id":{n},"op":"get","key":"cpu{t}"}}"#)
+                    };
+                    let reply = peer.request(&line);
+                    assert!(
+                        reply.starts_with(&format!(r#"{{"id":{n},"ok":true"#)),
+                        "{reply}"
+                    );
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+
+    // Each time the gauge changes, a new sampling interval has ended: note
+    // when, and the CPU ticks /proc reports at that moment.
+    let cpu_gauge = || value(&agent.scrape(), "process_cpu_usage", &[]);
+    let mut last = cpu_gauge();
+    let mut edges: Vec<(Instant, u64, f64)> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while edges.len() <= INTERVALS {
+        assert!(
+            Instant::now() < deadline,
+            "process_cpu_usage changed {} times",
+            edges.len()
+        );
+        let (at, ticks) = (Instant::now(), cpu_ticks(pid));
+        let v = cpu_gauge();
+        if v != last {
+            edges.push((at, ticks, v));
+            last = v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Memory under the same load: the gauge against VmRSS read around it.
+    let mut mem = (0.0, 0, 0);
+    let mem_ok = wait_until(|| {
+        let before = vm_rss_bytes(pid);
+        let gauge = value(&agent.scrape(), "process_memory_bytes", &[]);
+        let after = vm_rss_bytes(pid);
+        mem = (gauge, before, after);
+        [before, after]
+            .iter()
+            .all(|&rss| (gauge - rss as f64).abs() <= 0.10 * rss as f64)
+    });
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        l.join().expect("load peer failed");
+    }
+
+    let (first, rest) = edges.split_first().unwrap();
+    let end = rest.last().unwrap();
+    let wall = end.0.duration_since(first.0).as_secs_f64();
+    let truth = (end.1 - first.1) as f64 / hz / wall * 100.0;
+    // Each later gauge value covers the interval since the previous edge.
+    let mut weighted = 0.0;
+    let mut prev = first.0;
+    for (at, _, v) in rest {
+        weighted += v * at.duration_since(prev).as_secs_f64();
+        prev = *at;
+    }
+    let reported = weighted / wall;
+    let error = (reported - truth).abs() / truth;
+    let values: Vec<String> = rest.iter().map(|e| format!("{:.1}", e.2)).collect();
+    println!(
+        "[process] over {wall:.1} s ({} samples: {}): process_cpu_usage averages {reported:.1}%, \
+         /proc utime+stime gives {truth:.1}% of one core: {:.1}% apart (bound 15%)",
+        rest.len(),
+        values.join(", "),
+        error * 100.0
+    );
+    println!(
+        "[process] process_memory_bytes {:.1} MiB, VmRSS {:.1}..{:.1} MiB (bound 10%)",
+        mem.0 / 1048576.0,
+        mem.1 as f64 / 1048576.0,
+        mem.2 as f64 / 1048576.0
+    );
+    assert!(truth > 20.0, "the load only used {truth:.1}% CPU");
+    assert!(
+        error <= 0.15,
+        "process_cpu_usage {reported:.1}% vs /proc {truth:.1}%"
+    );
+    assert!(mem_ok, "process_memory_bytes vs VmRSS: {mem:?}");
+    assert_no_panic(&agent);
+}
