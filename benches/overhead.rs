@@ -73,7 +73,10 @@ fn storage_ops(c: &mut Criterion) {
         let store = setup.with(on, || Instrumented::new(store));
         rt.block_on(async {
             for i in 0..1000 {
-                store.put(&format!("key{i}"), "value-of-a-typical-size-0123456789").await.expect("put");
+                store
+                    .put(&format!("key{i}"), "value-of-a-typical-size-0123456789")
+                    .await
+                    .expect("put");
             }
         });
         let handle = setup.handle.clone();
@@ -93,14 +96,20 @@ fn storage_ops(c: &mut Criterion) {
             })
         });
         // Writes commit durably (fsync): milliseconds, so fewer samples.
-        group.sample_size(20).measurement_time(Duration::from_secs(5));
+        group
+            .sample_size(20)
+            .measurement_time(Duration::from_secs(5));
         group.bench_function(BenchmarkId::new("put", mode(on)), |b| {
-            b.to_async(&rt).iter(|| async { store.put("key1", "value").await.expect("put") })
+            b.to_async(&rt)
+                .iter(|| async { store.put("key1", "value").await.expect("put") })
         });
         group.bench_function(BenchmarkId::new("delete", mode(on)), |b| {
-            b.to_async(&rt).iter(|| async { store.delete("absent").await.expect("delete") })
+            b.to_async(&rt)
+                .iter(|| async { store.delete("absent").await.expect("delete") })
         });
-        group.sample_size(100).measurement_time(Duration::from_secs(5));
+        group
+            .sample_size(100)
+            .measurement_time(Duration::from_secs(5));
         rt.block_on(store.close());
     }
     group.finish();
@@ -114,11 +123,17 @@ fn message_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("message");
     for on in [false, true] {
         let store = rt
-            .block_on(LocalStore::open(&dir.path().join(format!("{}.db", mode(on)))))
+            .block_on(LocalStore::open(
+                &dir.path().join(format!("{}.db", mode(on))),
+            ))
             .expect("open db");
         let handler = setup.with(on, || Handler::new(Instrumented::new(store)));
-        rt.block_on(handler.storage().put("key500", "value-of-a-typical-size-0123456789"))
-            .expect("put");
+        rt.block_on(
+            handler
+                .storage()
+                .put("key500", "value-of-a-typical-size-0123456789"),
+        )
+        .expect("put");
         for (name, line) in [
             ("get", &br#"{"id":17,"op":"get","key":"key500"}"#[..]),
             ("ping", &br#"{"id":17,"op":"ping"}"#[..]),
@@ -187,10 +202,18 @@ fn instrumentation(c: &mut Criterion) {
         })
     });
     // The primitives, for reading the above.
-    group.bench_function("counter_increment", |b| b.iter(|| msg.received.increment(1)));
-    group.bench_function("histogram_record", |b| timed(b, &|| msg.duration.record(black_box(0.000_1))));
-    group.bench_function("quanta_now_elapsed", |b| b.iter(|| black_box(quanta::Instant::now()).elapsed()));
-    group.bench_function("std_now_elapsed", |b| b.iter(|| black_box(Instant::now()).elapsed()));
+    group.bench_function("counter_increment", |b| {
+        b.iter(|| msg.received.increment(1))
+    });
+    group.bench_function("histogram_record", |b| {
+        timed(b, &|| msg.duration.record(black_box(0.000_1)))
+    });
+    group.bench_function("quanta_now_elapsed", |b| {
+        b.iter(|| black_box(quanta::Instant::now()).elapsed())
+    });
+    group.bench_function("std_now_elapsed", |b| {
+        b.iter(|| black_box(Instant::now()).elapsed())
+    });
     group.bench_function("counter_macro_lookup", |b| {
         metrics::with_local_recorder(&setup.recorder, || {
             b.iter(|| {
@@ -226,7 +249,9 @@ fn render(c: &mut Criterion) {
         sampler.sample();
     });
     let handle = setup.handle.clone();
-    c.bench_function("render/full_metric_set", |b| b.iter(|| black_box(handle.render())));
+    c.bench_function("render/full_metric_set", |b| {
+        b.iter(|| black_box(handle.render()))
+    });
 }
 
 criterion_group!(benches, instrumentation, render, message_path, storage_ops);

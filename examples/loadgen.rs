@@ -54,7 +54,11 @@ fn parse_args() -> Args {
         addr: "127.0.0.1:7070".parse().unwrap_or_else(|_| usage()),
         peers: 16,
         messages: 200_000,
-        mix: Mix { get: 75, put: 20, delete: 5 },
+        mix: Mix {
+            get: 75,
+            put: 20,
+            delete: 5,
+        },
         keys: 10_000,
         depth: 64,
         value_bytes: 32,
@@ -85,7 +89,11 @@ fn parse_args() -> Args {
 }
 
 fn parse_mix(s: &str) -> Option<Mix> {
-    let mut mix = Mix { get: 0, put: 0, delete: 0 };
+    let mut mix = Mix {
+        get: 0,
+        put: 0,
+        delete: 0,
+    };
     for part in s.split(',') {
         let (op, pct) = part.split_once('=')?;
         let pct: u32 = pct.parse().ok()?;
@@ -119,9 +127,15 @@ fn request(line: &mut String, rng: &mut Rng, args: &Args, seq: u64, value: &str)
     let _ = if roll < args.mix.get {
         write!(line, "{{\"id\":{seq},\"op\":\"get\",\"key\":\"k{key}\"}}\n")
     } else if roll < args.mix.get + args.mix.put {
-        write!(line, "{{\"id\":{seq},\"op\":\"put\",\"key\":\"k{key}\",\"value\":\"{value}\"}}\n")
+        write!(
+            line,
+            "{{\"id\":{seq},\"op\":\"put\",\"key\":\"k{key}\",\"value\":\"{value}\"}}\n"
+        )
     } else {
-        write!(line, "{{\"id\":{seq},\"op\":\"delete\",\"key\":\"k{key}\"}}\n")
+        write!(
+            line,
+            "{{\"id\":{seq},\"op\":\"delete\",\"key\":\"k{key}\"}}\n"
+        )
     };
 }
 
@@ -131,18 +145,25 @@ struct PeerResult {
     errors: u64,
 }
 
-async fn run_peer(peer: usize, count: usize, args: Arc<Args>, preload: bool) -> std::io::Result<PeerResult> {
+async fn run_peer(
+    peer: usize,
+    count: usize,
+    args: Arc<Args>,
+    preload: bool,
+) -> std::io::Result<PeerResult> {
     let stream = TcpStream::connect(args.addr).await?;
     stream.set_nodelay(true)?;
     let (r, w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut writer = BufWriter::new(w);
     let window = Arc::new(Semaphore::new(args.depth));
-    let sent_at: Arc<Mutex<VecDeque<Instant>>> = Arc::new(Mutex::new(VecDeque::with_capacity(args.depth)));
+    let sent_at: Arc<Mutex<VecDeque<Instant>>> =
+        Arc::new(Mutex::new(VecDeque::with_capacity(args.depth)));
     let value = "v".repeat(args.value_bytes);
 
     let writer_task = {
-        let (window, sent_at, args) = (Arc::clone(&window), Arc::clone(&sent_at), Arc::clone(&args));
+        let (window, sent_at, args) =
+            (Arc::clone(&window), Arc::clone(&sent_at), Arc::clone(&args));
         tokio::spawn(async move {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (peer as u64 + 1));
             let mut line = String::with_capacity(128);
@@ -182,7 +203,9 @@ async fn run_peer(peer: usize, count: usize, args: Arc<Args>, preload: bool) -> 
         }
         let sent = sent_at.lock().await.pop_front();
         if let Some(sent) = sent {
-            result.latencies_us.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            result
+                .latencies_us
+                .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
         }
         if !line.contains("\"ok\":true") {
             result.errors += 1;
@@ -193,7 +216,11 @@ async fn run_peer(peer: usize, count: usize, args: Arc<Args>, preload: bool) -> 
     Ok(result)
 }
 
-async fn run_phase(args: &Arc<Args>, total: usize, preload: bool) -> std::io::Result<(Duration, PeerResult)> {
+async fn run_phase(
+    args: &Arc<Args>,
+    total: usize,
+    preload: bool,
+) -> std::io::Result<(Duration, PeerResult)> {
     let per_peer = total.div_ceil(args.peers);
     let start = Instant::now();
     let tasks: Vec<_> = (0..args.peers)
@@ -222,7 +249,10 @@ async fn main() {
     if args.preload {
         let keys = args.keys;
         match run_phase(&args, keys, true).await {
-            Ok((elapsed, r)) => eprintln!("preloaded {keys} keys in {elapsed:.2?} ({} errors)", r.errors),
+            Ok((elapsed, r)) => eprintln!(
+                "preloaded {keys} keys in {elapsed:.2?} ({} errors)",
+                r.errors
+            ),
             Err(e) => {
                 eprintln!("loadgen: preload failed: {e}");
                 std::process::exit(1);

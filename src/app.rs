@@ -35,18 +35,23 @@ pub enum StartupError {
 }
 
 /// Runs the agent until `shutdown` resolves, then stops gracefully.
-pub async fn run(config: Config, resolved: Resolved, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
+pub async fn run(
+    config: Config,
+    resolved: Resolved,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartupError> {
     tracing::info!(node = %config.node_id(), version = env!("CARGO_PKG_VERSION"), "starting agent");
     raise_fd_limit();
     let cancel = CancellationToken::new();
 
     let installed = telemetry::install(&config.metrics, &resolved).await?;
-    let listener = TcpListener::bind(resolved.listen)
-        .await
-        .map_err(|source| StartupError::Listen {
-            addr: resolved.listen,
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(resolved.listen)
+            .await
+            .map_err(|source| StartupError::Listen {
+                addr: resolved.listen,
+                source,
+            })?;
     let backend = AnyBackend::open(&config.storage).await?;
     tracing::info!(backend = backend.backend().as_str(), "storage ready");
     let handler = Arc::new(Handler::new(Instrumented::new(backend)));
@@ -71,7 +76,12 @@ pub async fn run(config: Config, resolved: Resolved, shutdown: impl Future<Outpu
         max_line: config.network.max_message_bytes,
     };
     for addr in &config.network.peers {
-        tracker.spawn(peers::maintain(addr.clone(), policy.clone(), peers.clone(), cancel.clone()));
+        tracker.spawn(peers::maintain(
+            addr.clone(),
+            policy.clone(),
+            peers.clone(),
+            cancel.clone(),
+        ));
     }
     tracing::info!("agent ready");
 
@@ -79,7 +89,10 @@ pub async fn run(config: Config, resolved: Resolved, shutdown: impl Future<Outpu
     tracing::info!("shutting down: no new connections, answering requests already read");
     cancel.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(timeout = ?DRAIN_TIMEOUT, "some connections did not finish in time; closing them");
     }
     handler.storage().close().await;
@@ -91,7 +104,10 @@ pub async fn run(config: Config, resolved: Resolved, shutdown: impl Future<Outpu
 /// metrics connection holds a descriptor, and the usual soft default (1024)
 /// is far below what a busy agent needs.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a valid, writable rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         tracing::warn!("cannot read the open-files limit");
@@ -102,9 +118,18 @@ fn raise_fd_limit() {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: as above; only the soft limit changes, within the hard limit.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            tracing::warn!(soft = before, hard = lim.rlim_max, "cannot raise the open-files limit");
+            tracing::warn!(
+                soft = before,
+                hard = lim.rlim_max,
+                "cannot raise the open-files limit"
+            );
             return;
         }
     }
-    tracing::info!(soft_before = before, soft = lim.rlim_cur, hard = lim.rlim_max, "open-files limit");
+    tracing::info!(
+        soft_before = before,
+        soft = lim.rlim_cur,
+        hard = lim.rlim_max,
+        "open-files limit"
+    );
 }

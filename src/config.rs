@@ -249,7 +249,10 @@ impl Config {
                 // figment silently skips a missing file; an operator who named
                 // one must hear about it.
                 std::fs::read_to_string(path).map_err(|e| {
-                    invalid("", format!("cannot read config file {}: {e}", path.display()))
+                    invalid(
+                        "",
+                        format!("cannot read config file {}: {e}", path.display()),
+                    )
                 })?;
                 figment = figment.merge(Yaml::file_exact(path));
             }
@@ -274,9 +277,9 @@ impl Config {
             )
         })?;
         for (i, peer) in self.network.peers.iter().enumerate() {
-            let ok = peer
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            let ok = peer.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
             if !ok {
                 return Err(invalid(
                     &format!("network.peers[{i}]"),
@@ -285,16 +288,25 @@ impl Config {
             }
         }
         if self.network.max_connections == 0 {
-            return Err(invalid("network.max_connections", "must be at least 1, got 0"));
+            return Err(invalid(
+                "network.max_connections",
+                "must be at least 1, got 0",
+            ));
         }
         if self.network.max_message_bytes == 0 {
-            return Err(invalid("network.max_message_bytes", "must be at least 1, got 0"));
+            return Err(invalid(
+                "network.max_message_bytes",
+                "must be at least 1, got 0",
+            ));
         }
         if self.network.ping_interval.is_zero() {
             return Err(invalid("network.ping_interval", "must be greater than 0"));
         }
         if self.network.max_redial_backoff.is_zero() {
-            return Err(invalid("network.max_redial_backoff", "must be greater than 0"));
+            return Err(invalid(
+                "network.max_redial_backoff",
+                "must be greater than 0",
+            ));
         }
         if self.storage.local.path.as_os_str().is_empty() {
             return Err(invalid("storage.local.path", "must not be empty"));
@@ -317,7 +329,10 @@ impl Config {
             )
         })?;
         if self.metrics.port == 0 {
-            return Err(invalid("metrics.port", "must be between 1 and 65535, got 0"));
+            return Err(invalid(
+                "metrics.port",
+                "must be between 1 and 65535, got 0",
+            ));
         }
         if !self.metrics.path.starts_with('/') {
             return Err(invalid(
@@ -345,16 +360,22 @@ impl Config {
             allowed_networks.push(parsed);
         }
         if self.metrics.process_interval.is_zero() {
-            return Err(invalid("metrics.process_interval", "must be greater than 0"));
+            return Err(invalid(
+                "metrics.process_interval",
+                "must be greater than 0",
+            ));
         }
         if self.metrics.max_connections == 0 {
-            return Err(invalid("metrics.max_connections", "must be at least 1, got 0"));
+            return Err(invalid(
+                "metrics.max_connections",
+                "must be at least 1, got 0",
+            ));
         }
         let dogstatsd_addr = self.metrics.dogstatsd.address.clone();
         if self.metrics.exporter == ExporterKind::Dogstatsd {
-            let ok = dogstatsd_addr
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            let ok = dogstatsd_addr.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
             if !ok {
                 return Err(invalid(
                     "metrics.dogstatsd.address",
@@ -363,7 +384,10 @@ impl Config {
             }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
-            invalid("log.level", format!("{:?} is not a valid level or filter: {e}", self.log.level))
+            invalid(
+                "log.level",
+                format!("{:?} is not a valid level or filter: {e}", self.log.level),
+            )
         })?;
         Ok(Resolved {
             listen,
@@ -477,13 +501,28 @@ mod tests {
             ("metrics:\n  port: 0\n", "metrics.port"),
             ("metrics:\n  address: not-an-ip\n", "metrics.address"),
             ("metrics:\n  path: metrics\n", "metrics.path"),
-            ("metrics:\n  allowed_networks: [\"10.0.0.0/33\"]\n", "metrics.allowed_networks[0]"),
+            (
+                "metrics:\n  allowed_networks: [\"10.0.0.0/33\"]\n",
+                "metrics.allowed_networks[0]",
+            ),
             ("storage:\n  backend: postgres\n", "storage.backend"),
-            ("storage:\n  redis:\n    url: \"http://x\"\n", "storage.redis.url"),
-            ("storage:\n  redis:\n    timeout: soon\n", "storage.redis.timeout"),
+            (
+                "storage:\n  redis:\n    url: \"http://x\"\n",
+                "storage.redis.url",
+            ),
+            (
+                "storage:\n  redis:\n    timeout: soon\n",
+                "storage.redis.timeout",
+            ),
             ("network:\n  listen: \"nowhere\"\n", "network.listen"),
-            ("network:\n  max_connections: 0\n", "network.max_connections"),
-            ("network:\n  max_message_bytes: 0\n", "network.max_message_bytes"),
+            (
+                "network:\n  max_connections: 0\n",
+                "network.max_connections",
+            ),
+            (
+                "network:\n  max_message_bytes: 0\n",
+                "network.max_message_bytes",
+            ),
             ("network:\n  peers: [\"nohost\"]\n", "network.peers[0]"),
             ("metrics:\n  prot: 8080\n", "metrics.prot"),
             ("bogus: 1\n", "bogus"),
@@ -498,8 +537,7 @@ mod tests {
 
     #[test]
     fn missing_named_file_is_an_error() {
-        let err = Config::load(Some(Path::new("/nonexistent/agent.yaml")))
-            .unwrap_err();
+        let err = Config::load(Some(Path::new("/nonexistent/agent.yaml"))).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/agent.yaml"), "{err}");
     }
 }

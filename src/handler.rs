@@ -49,7 +49,9 @@ impl<S: Storage> Handler<S> {
         self.metrics.failed(FailReason::TooLarge).increment(1);
         let failure = Failure::new(
             FailReason::TooLarge,
-            format!("message exceeds network.max_message_bytes ({limit} bytes); closing connection"),
+            format!(
+                "message exceeds network.max_message_bytes ({limit} bytes); closing connection"
+            ),
         );
         protocol::encode(out, None, &Outcome::Failed(failure));
         self.metrics.duration.record(start.elapsed());
@@ -59,7 +61,9 @@ impl<S: Storage> Handler<S> {
         let result = match request {
             Request::Ping => return Outcome::Ok,
             Request::Get { key } => self.storage.get(&key).await.map(Outcome::Value),
-            Request::Put { key, value } => self.storage.put(&key, &value).await.map(|()| Outcome::Ok),
+            Request::Put { key, value } => {
+                self.storage.put(&key, &value).await.map(|()| Outcome::Ok)
+            }
             Request::Delete { key } => self.storage.delete(&key).await.map(Outcome::Deleted),
         };
         result.unwrap_or_else(|e| Outcome::Failed(Failure::new(FailReason::Storage, e.to_string())))
@@ -83,7 +87,8 @@ mod tests {
         let store = LocalStore::open(&dir.path().join("db")).await.unwrap();
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
-        let handler = metrics::with_local_recorder(&recorder, || Handler::new(Instrumented::new(store)));
+        let handler =
+            metrics::with_local_recorder(&recorder, || Handler::new(Instrumented::new(store)));
 
         let lines: &[&[u8]] = &[
             br#"{"id":1,"op":"put","key":"a","value":"1"}"#,
@@ -108,13 +113,30 @@ mod tests {
 
         let snap = snapshotter.snapshot().into_vec();
         assert_eq!(counter(&snap, MESSAGES_RECEIVED_TOTAL, &[]), 8);
-        assert_eq!(histogram_count(&snap, MESSAGE_PROCESSING_DURATION_SECONDS, &[]), 8);
-        for (reason, n) in [("parse", 1), ("invalid", 1), ("unknown_op", 1), ("too_large", 1), ("storage", 0)] {
-            assert_eq!(counter(&snap, MESSAGES_FAILED_TOTAL, &[("reason", reason)]), n, "{reason}");
+        assert_eq!(
+            histogram_count(&snap, MESSAGE_PROCESSING_DURATION_SECONDS, &[]),
+            8
+        );
+        for (reason, n) in [
+            ("parse", 1),
+            ("invalid", 1),
+            ("unknown_op", 1),
+            ("too_large", 1),
+            ("storage", 0),
+        ] {
+            assert_eq!(
+                counter(&snap, MESSAGES_FAILED_TOTAL, &[("reason", reason)]),
+                n,
+                "{reason}"
+            );
         }
         for op in ["get", "put", "delete"] {
             assert_eq!(
-                counter(&snap, STORAGE_OPERATIONS_TOTAL, &[("operation", op), ("backend", "local")]),
+                counter(
+                    &snap,
+                    STORAGE_OPERATIONS_TOTAL,
+                    &[("operation", op), ("backend", "local")]
+                ),
                 1,
                 "{op}"
             );

@@ -109,7 +109,12 @@ fn log_dial_failure(addr: &str, error: &str, failures: &mut u32, backoff: Durati
 }
 
 /// Pings until the connection fails; returns why.
-async fn keepalive(stream: TcpStream, policy: &DialPolicy, peers: &Peers, cancel: &CancellationToken) -> String {
+async fn keepalive(
+    stream: TcpStream,
+    policy: &DialPolicy,
+    peers: &Peers,
+    cancel: &CancellationToken,
+) -> String {
     let _guard = peers.connected();
     let mut conn = Connection::new(stream, policy.max_line);
     let mut seq: u64 = 0;

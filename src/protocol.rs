@@ -108,7 +108,15 @@ where
 pub fn decode(line: &[u8]) -> (Option<&RawValue>, Result<Request, Failure>) {
     let text = match std::str::from_utf8(line) {
         Ok(t) => t,
-        Err(_) => return (None, Err(Failure::new(FailReason::Parse, "message is not valid UTF-8"))),
+        Err(_) => {
+            return (
+                None,
+                Err(Failure::new(
+                    FailReason::Parse,
+                    "message is not valid UTF-8",
+                )),
+            )
+        }
     };
     // A derived struct also deserializes from an array, taking the fields in
     // order; only an object is a request.
@@ -116,16 +124,31 @@ pub fn decode(line: &[u8]) -> (Option<&RawValue>, Result<Request, Failure>) {
     let raw: RawRequest<'_> = match serde_json::from_str(text) {
         Ok(r) if is_object => r,
         Err(e) if !e.is_data() => {
-            return (None, Err(Failure::new(FailReason::Parse, format!("invalid JSON: {e}"))))
+            return (
+                None,
+                Err(Failure::new(
+                    FailReason::Parse,
+                    format!("invalid JSON: {e}"),
+                )),
+            )
         }
         // An object can only fail this way by repeating a field.
         Err(e) if is_object => {
-            return (None, Err(Failure::new(FailReason::Invalid, format!("invalid request: {e}"))))
+            return (
+                None,
+                Err(Failure::new(
+                    FailReason::Invalid,
+                    format!("invalid request: {e}"),
+                )),
+            )
         }
         _ => {
             return (
                 None,
-                Err(Failure::new(FailReason::Invalid, "message must be a JSON object")),
+                Err(Failure::new(
+                    FailReason::Invalid,
+                    "message must be a JSON object",
+                )),
             )
         }
     };
@@ -157,21 +180,32 @@ fn typed(raw: &RawRequest<'_>) -> Result<Request, Failure> {
 fn key(raw: &RawRequest<'_>) -> Result<String, Failure> {
     let key = string_field("key", raw.key)?;
     if key.is_empty() {
-        return Err(Failure::new(FailReason::Invalid, "field \"key\" must not be empty"));
+        return Err(Failure::new(
+            FailReason::Invalid,
+            "field \"key\" must not be empty",
+        ));
     }
     if key.len() > MAX_KEY_BYTES {
         return Err(Failure::new(
             FailReason::Invalid,
-            format!("field \"key\" is {} bytes, the limit is {MAX_KEY_BYTES}", key.len()),
+            format!(
+                "field \"key\" is {} bytes, the limit is {MAX_KEY_BYTES}",
+                key.len()
+            ),
         ));
     }
     Ok(key)
 }
 
 fn string_field(name: &str, raw: Option<&RawValue>) -> Result<String, Failure> {
-    let raw = raw.ok_or_else(|| Failure::new(FailReason::Invalid, format!("missing field {name:?}")))?;
-    serde_json::from_str::<String>(raw.get())
-        .map_err(|_| Failure::new(FailReason::Invalid, format!("field {name:?} must be a string")))
+    let raw =
+        raw.ok_or_else(|| Failure::new(FailReason::Invalid, format!("missing field {name:?}")))?;
+    serde_json::from_str::<String>(raw.get()).map_err(|_| {
+        Failure::new(
+            FailReason::Invalid,
+            format!("field {name:?} must be a string"),
+        )
+    })
 }
 
 /// Appends the reply line (with its newline) for `outcome` to `out`.
@@ -234,7 +268,10 @@ mod tests {
                 value: "v\n\u{e9}".into()
             })
         );
-        assert_eq!(decode(br#"{"op":"get","key":"k"}"#).1, Ok(Request::Get { key: "k".into() }));
+        assert_eq!(
+            decode(br#"{"op":"get","key":"k"}"#).1,
+            Ok(Request::Get { key: "k".into() })
+        );
         assert_eq!(
             decode(br#"{"op":"delete","key":"k"}"#).1,
             Ok(Request::Delete { key: "k".into() })
@@ -243,26 +280,38 @@ mod tests {
 
     #[test]
     fn echoes_id_exactly_and_omits_absent_id() {
-        assert_eq!(reply(br#"{"id":1,"op":"ping"}"#, Outcome::Ok), "{\"id\":1,\"ok\":true}\n");
+        assert_eq!(
+            reply(br#"{"id":1,"op":"ping"}"#, Outcome::Ok),
+            "{\"id\":1,\"ok\":true}\n"
+        );
         assert_eq!(
             reply(br#"{"id":{"a":[1, 2]},"op":"ping"}"#, Outcome::Ok),
             "{\"id\":{\"a\":[1, 2]},\"ok\":true}\n"
         );
-        assert_eq!(reply(br#"{"id":null,"op":"ping"}"#, Outcome::Ok), "{\"id\":null,\"ok\":true}\n");
+        assert_eq!(
+            reply(br#"{"id":null,"op":"ping"}"#, Outcome::Ok),
+            "{\"id\":null,\"ok\":true}\n"
+        );
         assert_eq!(reply(br#"{"op":"ping"}"#, Outcome::Ok), "{\"ok\":true}\n");
         assert_eq!(
             reply(br#"{"id":"x","op":"get","key":"k"}"#, Outcome::Value(None)),
             "{\"id\":\"x\",\"ok\":true,\"value\":null}\n"
         );
         assert_eq!(
-            reply(br#"{"id":7,"op":"delete","key":"k"}"#, Outcome::Deleted(false)),
+            reply(
+                br#"{"id":7,"op":"delete","key":"k"}"#,
+                Outcome::Deleted(false)
+            ),
             "{\"id\":7,\"ok\":true,\"deleted\":false}\n"
         );
     }
 
     #[test]
     fn classifies_every_failure() {
-        let long_key = format!(r#"{{"op":"get","key":"{}"}}"#, "k".repeat(MAX_KEY_BYTES + 1));
+        let long_key = format!(
+            r#"{{"op":"get","key":"{}"}}"#,
+            "k".repeat(MAX_KEY_BYTES + 1)
+        );
         let exact_key = format!(r#"{{"op":"get","key":"{}"}}"#, "k".repeat(MAX_KEY_BYTES));
         assert!(decode(exact_key.as_bytes()).1.is_ok());
         let cases: Vec<(&[u8], FailReason)> = vec![

@@ -63,7 +63,12 @@ impl<S: Storage> Server<S> {
 }
 
 /// Serves one connection: one reply per request line, in order.
-async fn serve<S: Storage>(stream: TcpStream, handler: &Handler<S>, max_line: usize, cancel: &CancellationToken) {
+async fn serve<S: Storage>(
+    stream: TcpStream,
+    handler: &Handler<S>,
+    max_line: usize,
+    cancel: &CancellationToken,
+) {
     let mut conn = Connection::new(stream, max_line);
     let mut out = Vec::with_capacity(256);
     loop {

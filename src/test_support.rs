@@ -3,7 +3,12 @@
 use metrics_util::debugging::DebugValue;
 use metrics_util::CompositeKey;
 
-pub type Snapshot = Vec<(CompositeKey, Option<metrics::Unit>, Option<metrics::SharedString>, DebugValue)>;
+pub type Snapshot = Vec<(
+    CompositeKey,
+    Option<metrics::Unit>,
+    Option<metrics::SharedString>,
+    DebugValue,
+)>;
 
 fn find<'a>(snap: &'a Snapshot, name: &str, labels: &[(&str, &str)]) -> Option<&'a DebugValue> {
     snap.iter().find_map(|(key, _, _, value)| {

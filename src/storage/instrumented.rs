@@ -73,7 +73,8 @@ impl<S: Storage> Storage for Instrumented<S> {
 mod tests {
     use super::*;
     use crate::telemetry::defs::{
-        STORAGE_OPERATIONS_TOTAL, STORAGE_OPERATION_DURATION_SECONDS, STORAGE_OPERATION_ERRORS_TOTAL,
+        STORAGE_OPERATIONS_TOTAL, STORAGE_OPERATION_DURATION_SECONDS,
+        STORAGE_OPERATION_ERRORS_TOTAL,
     };
     use crate::test_support::{counter, histogram_count};
     use metrics_util::debugging::DebuggingRecorder;
@@ -115,7 +116,9 @@ mod tests {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let store = metrics::with_local_recorder(&recorder, || {
-            Instrumented::new(Flaky { fail: AtomicBool::new(false) })
+            Instrumented::new(Flaky {
+                fail: AtomicBool::new(false),
+            })
         });
         for _ in 0..3 {
             store.put("k", "v").await.unwrap();
@@ -129,12 +132,33 @@ mod tests {
         let labels = |op: &'static str| vec![("operation", op), ("backend", "redis")];
         assert_eq!(counter(&snap, STORAGE_OPERATIONS_TOTAL, &labels("put")), 3);
         assert_eq!(counter(&snap, STORAGE_OPERATIONS_TOTAL, &labels("get")), 2);
-        assert_eq!(counter(&snap, STORAGE_OPERATIONS_TOTAL, &labels("delete")), 1);
-        assert_eq!(counter(&snap, STORAGE_OPERATION_ERRORS_TOTAL, &labels("put")), 0);
-        assert_eq!(counter(&snap, STORAGE_OPERATION_ERRORS_TOTAL, &labels("get")), 1);
-        assert_eq!(counter(&snap, STORAGE_OPERATION_ERRORS_TOTAL, &labels("delete")), 1);
-        assert_eq!(histogram_count(&snap, STORAGE_OPERATION_DURATION_SECONDS, &labels("put")), 3);
-        assert_eq!(histogram_count(&snap, STORAGE_OPERATION_DURATION_SECONDS, &labels("get")), 2);
-        assert_eq!(histogram_count(&snap, STORAGE_OPERATION_DURATION_SECONDS, &labels("delete")), 1);
+        assert_eq!(
+            counter(&snap, STORAGE_OPERATIONS_TOTAL, &labels("delete")),
+            1
+        );
+        assert_eq!(
+            counter(&snap, STORAGE_OPERATION_ERRORS_TOTAL, &labels("put")),
+            0
+        );
+        assert_eq!(
+            counter(&snap, STORAGE_OPERATION_ERRORS_TOTAL, &labels("get")),
+            1
+        );
+        assert_eq!(
+            counter(&snap, STORAGE_OPERATION_ERRORS_TOTAL, &labels("delete")),
+            1
+        );
+        assert_eq!(
+            histogram_count(&snap, STORAGE_OPERATION_DURATION_SECONDS, &labels("put")),
+            3
+        );
+        assert_eq!(
+            histogram_count(&snap, STORAGE_OPERATION_DURATION_SECONDS, &labels("get")),
+            2
+        );
+        assert_eq!(
+            histogram_count(&snap, STORAGE_OPERATION_DURATION_SECONDS, &labels("delete")),
+            1
+        );
     }
 }

@@ -129,10 +129,15 @@ fn commit_batch(db: &Database, batch: &[WriteRequest]) -> Result<Vec<bool>, Stri
         for req in batch {
             let res = match &req.op {
                 WriteOp::Put(k, v) => {
-                    table.insert(k.as_str(), v.as_str()).map_err(|e| e.to_string())?;
+                    table
+                        .insert(k.as_str(), v.as_str())
+                        .map_err(|e| e.to_string())?;
                     true
                 }
-                WriteOp::Delete(k) => table.remove(k.as_str()).map_err(|e| e.to_string())?.is_some(),
+                WriteOp::Delete(k) => table
+                    .remove(k.as_str())
+                    .map_err(|e| e.to_string())?
+                    .is_some(),
             };
             results.push(res);
         }
@@ -198,7 +203,10 @@ mod tests {
         assert!(store.delete("gone").await.unwrap());
         assert!(!store.delete("gone").await.unwrap());
         store.close().await;
-        assert!(store.put("k", "v3").await.is_err(), "closed store refuses writes");
+        assert!(
+            store.put("k", "v3").await.is_err(),
+            "closed store refuses writes"
+        );
         drop(store);
 
         let store = LocalStore::open(&path).await.unwrap();
@@ -216,7 +224,10 @@ mod tests {
             let store = Arc::clone(&store);
             tasks.push(tokio::spawn(async move {
                 for i in 0..50 {
-                    store.put(&format!("{t}-{i}"), &i.to_string()).await.unwrap();
+                    store
+                        .put(&format!("{t}-{i}"), &i.to_string())
+                        .await
+                        .unwrap();
                 }
             }));
         }
@@ -225,7 +236,10 @@ mod tests {
         }
         for t in 0..8 {
             for i in 0..50 {
-                assert_eq!(store.get(&format!("{t}-{i}")).await.unwrap(), Some(i.to_string()));
+                assert_eq!(
+                    store.get(&format!("{t}-{i}")).await.unwrap(),
+                    Some(i.to_string())
+                );
             }
         }
         store.close().await;

@@ -71,7 +71,9 @@ impl RedisStore {
         match tokio::time::timeout(self.timeout, fut).await {
             Err(_) => Err(StorageError::Timeout(self.timeout)),
             Ok(Err(e)) if e.is_timeout() => Err(StorageError::Timeout(self.timeout)),
-            Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
+            Ok(Err(e))
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() =>
+            {
                 Err(StorageError::Unavailable(e.to_string()))
             }
             Ok(Err(e)) => Err(StorageError::Backend(e.to_string())),
@@ -83,7 +85,9 @@ impl RedisStore {
 /// The URL without its password, for logs.
 fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
         _ => url.to_string(),
     }
 }
@@ -121,9 +125,14 @@ impl Storage for RedisStore {
     async fn delete(&self, key: &str) -> Result<bool, StorageError> {
         let mut conn = self.conn.clone();
         let key = self.key(key);
-        self.bounded(async move { redis::cmd("DEL").arg(key).query_async::<i64>(&mut conn).await })
-            .await
-            .map(|n| n > 0)
+        self.bounded(async move {
+            redis::cmd("DEL")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|n| n > 0)
     }
 
     async fn close(&self) {
@@ -137,7 +146,13 @@ mod tests {
 
     #[test]
     fn redacts_password() {
-        assert_eq!(redacted("redis://:secret@host:6379/0"), "redis://***@host:6379/0");
-        assert_eq!(redacted("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            redacted("redis://:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(
+            redacted("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
     }
 }

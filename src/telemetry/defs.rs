@@ -27,8 +27,8 @@ pub const AGENT_BUILD_INFO: &str = "agent_build_info";
 /// histograms, which aggregate across agents; without them it renders
 /// summaries, which do not.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
-    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,11 +79,32 @@ const fn agent(
         Kind::Histogram => Some(LATENCY_BUCKETS),
         _ => None,
     };
-    MetricDef { name, kind, unit, help, labels, buckets, source: Source::Agent }
+    MetricDef {
+        name,
+        kind,
+        unit,
+        help,
+        labels,
+        buckets,
+        source: Source::Agent,
+    }
 }
 
-const fn process(name: &'static str, kind: Kind, unit: Option<Unit>, help: &'static str) -> MetricDef {
-    MetricDef { name, kind, unit, help, labels: &[], buckets: None, source: Source::MetricsProcess }
+const fn process(
+    name: &'static str,
+    kind: Kind,
+    unit: Option<Unit>,
+    help: &'static str,
+) -> MetricDef {
+    MetricDef {
+        name,
+        kind,
+        unit,
+        help,
+        labels: &[],
+        buckets: None,
+        source: Source::MetricsProcess,
+    }
 }
 
 pub const METRICS: &[MetricDef] = &[
@@ -94,7 +115,13 @@ pub const METRICS: &[MetricDef] = &[
         "CPU used by the agent over the last sampling interval, in percent of one core.",
         &[],
     ),
-    agent(PROCESS_MEMORY_BYTES, Kind::Gauge, Some(Unit::Bytes), "Resident set size of the agent, in bytes.", &[]),
+    agent(
+        PROCESS_MEMORY_BYTES,
+        Kind::Gauge,
+        Some(Unit::Bytes),
+        "Resident set size of the agent, in bytes.",
+        &[],
+    ),
     agent(
         AGENT_PEERS_CONNECTED,
         Kind::Gauge,
@@ -151,15 +178,61 @@ pub const METRICS: &[MetricDef] = &[
         "Duration of each storage operation.",
         &["operation", "backend"],
     ),
-    agent(AGENT_BUILD_INFO, Kind::Gauge, None, "Always 1; the version label names the running build.", &["version"]),
-    process("process_cpu_seconds_total", Kind::Counter, Some(Unit::Seconds), "Total user and system CPU time spent in seconds (whole seconds)."),
-    process("process_resident_memory_bytes", Kind::Gauge, Some(Unit::Bytes), "Resident memory size in bytes."),
-    process("process_virtual_memory_bytes", Kind::Gauge, Some(Unit::Bytes), "Virtual memory size in bytes."),
-    process("process_virtual_memory_max_bytes", Kind::Gauge, Some(Unit::Bytes), "Maximum amount of virtual memory available in bytes."),
-    process("process_open_fds", Kind::Gauge, Some(Unit::Count), "Number of open file descriptors."),
-    process("process_max_fds", Kind::Gauge, Some(Unit::Count), "Maximum number of open file descriptors."),
-    process("process_start_time_seconds", Kind::Gauge, Some(Unit::Seconds), "Start time of the process since unix epoch in seconds."),
-    process("process_threads", Kind::Gauge, Some(Unit::Count), "Number of OS threads in the process."),
+    agent(
+        AGENT_BUILD_INFO,
+        Kind::Gauge,
+        None,
+        "Always 1; the version label names the running build.",
+        &["version"],
+    ),
+    process(
+        "process_cpu_seconds_total",
+        Kind::Counter,
+        Some(Unit::Seconds),
+        "Total user and system CPU time spent in seconds (whole seconds).",
+    ),
+    process(
+        "process_resident_memory_bytes",
+        Kind::Gauge,
+        Some(Unit::Bytes),
+        "Resident memory size in bytes.",
+    ),
+    process(
+        "process_virtual_memory_bytes",
+        Kind::Gauge,
+        Some(Unit::Bytes),
+        "Virtual memory size in bytes.",
+    ),
+    process(
+        "process_virtual_memory_max_bytes",
+        Kind::Gauge,
+        Some(Unit::Bytes),
+        "Maximum amount of virtual memory available in bytes.",
+    ),
+    process(
+        "process_open_fds",
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Number of open file descriptors.",
+    ),
+    process(
+        "process_max_fds",
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Maximum number of open file descriptors.",
+    ),
+    process(
+        "process_start_time_seconds",
+        Kind::Gauge,
+        Some(Unit::Seconds),
+        "Start time of the process since unix epoch in seconds.",
+    ),
+    process(
+        "process_threads",
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Number of OS threads in the process.",
+    ),
 ];
 
 /// Registers HELP text (and units) for the agent's own metrics with the
@@ -192,7 +265,8 @@ impl MessageMetrics {
         Self {
             received: metrics::counter!(MESSAGES_RECEIVED_TOTAL),
             duration: metrics::histogram!(MESSAGE_PROCESSING_DURATION_SECONDS),
-            failed: FailReason::ALL.map(|r| metrics::counter!(MESSAGES_FAILED_TOTAL, "reason" => r.as_str())),
+            failed: FailReason::ALL
+                .map(|r| metrics::counter!(MESSAGES_FAILED_TOTAL, "reason" => r.as_str())),
         }
     }
 
@@ -264,13 +338,21 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), METRICS.len());
         for def in METRICS {
-            assert_eq!(def.kind == Kind::Histogram, def.buckets.is_some(), "{}", def.name);
+            assert_eq!(
+                def.kind == Kind::Histogram,
+                def.buckets.is_some(),
+                "{}",
+                def.name
+            );
             if def.kind == Kind::Counter {
                 assert!(def.name.ends_with("_total"), "{}", def.name);
             }
         }
         assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
         assert!(LATENCY_BUCKETS[0] <= 0.000_05, "must resolve local reads");
-        assert!(*LATENCY_BUCKETS.last().unwrap() >= 5.0, "must resolve Redis timeouts");
+        assert!(
+            *LATENCY_BUCKETS.last().unwrap() >= 5.0,
+            "must resolve Redis timeouts"
+        );
     }
 }

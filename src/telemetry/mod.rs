@@ -12,7 +12,9 @@ pub mod process;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -63,7 +65,10 @@ pub fn prometheus_recorder() -> PrometheusRecorder {
 /// Installs the configured exporter as the global recorder and describes
 /// every metric. For Prometheus the listener is bound first, so a port in
 /// use fails startup before anything else happens.
-pub async fn install(cfg: &MetricsConfig, resolved: &Resolved) -> Result<Installed, TelemetryError> {
+pub async fn install(
+    cfg: &MetricsConfig,
+    resolved: &Resolved,
+) -> Result<Installed, TelemetryError> {
     if !cfg.enabled {
         let _ = metrics::set_global_recorder(metrics::NoopRecorder);
         tracing::info!("Metrics endpoint disabled");
@@ -97,7 +102,12 @@ pub async fn install(cfg: &MetricsConfig, resolved: &Resolved) -> Result<Install
 /// Starts the background work of an installed exporter: the HTTP endpoint
 /// and histogram upkeep for Prometheus, the process sampler for any enabled
 /// exporter.
-pub fn spawn(installed: Installed, cfg: &MetricsConfig, resolved: &Resolved, cancel: &CancellationToken) {
+pub fn spawn(
+    installed: Installed,
+    cfg: &MetricsConfig,
+    resolved: &Resolved,
+    cancel: &CancellationToken,
+) {
     if matches!(installed, Installed::Disabled) {
         return;
     }

@@ -40,7 +40,8 @@ impl ProcessSampler {
         let wall = now.0.duration_since(self.last.0);
         if !wall.is_zero() {
             let cpu = now.1.saturating_sub(self.last.1);
-            self.cpu_usage.set(cpu.as_secs_f64() / wall.as_secs_f64() * 100.0);
+            self.cpu_usage
+                .set(cpu.as_secs_f64() / wall.as_secs_f64() * 100.0);
         }
         self.last = now;
         if let Some(rss) = resident_bytes() {
@@ -70,7 +71,10 @@ impl Default for ProcessSampler {
 
 /// CPU time (user + system) of the whole process, to the nanosecond.
 pub fn process_cpu_time() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     if rc != 0 {

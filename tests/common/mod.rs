@@ -128,8 +128,14 @@ impl Agent {
         let mut child = cmd.spawn().expect("spawn agent binary");
         let log = Arc::new(Mutex::new(String::new()));
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -171,7 +177,10 @@ impl Agent {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 // Give the reader threads a moment to collect the last lines.
                 std::thread::sleep(Duration::from_millis(100));
-                panic!("agent exited ({status}) before logging {needle:?}:\n{}", self.log());
+                panic!(
+                    "agent exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
             }
             false
         });
@@ -317,7 +326,10 @@ impl Peer {
 /// Sets SO_LINGER to 0 so that closing sends RST.
 fn linger_zero(stream: &TcpStream) {
     use std::os::fd::AsRawFd;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid socket fd and a properly sized linger struct.
     unsafe {
         libc::setsockopt(
@@ -350,7 +362,11 @@ impl HttpResponse {
 pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("read HTTP response");
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -378,23 +394,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
     want.sort();
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (n, got) = match series.split_once('{') {
-            Some((n, rest)) => {
-                let mut got: Vec<String> = rest
-                    .trim_end_matches('}')
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                got.sort();
-                (n, got)
-            }
-            None => (series, Vec::new()),
-        };
-        (n == name && got == want).then(|| value.parse().ok()).flatten()
-    })
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, got) = match series.split_once('{') {
+                Some((n, rest)) => {
+                    let mut got: Vec<String> = rest
+                        .trim_end_matches('}')
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    got.sort();
+                    (n, got)
+                }
+                None => (series, Vec::new()),
+            };
+            (n == name && got == want)
+                .then(|| value.parse().ok())
+                .flatten()
+        })
 }
 
 /// A real `redis-server` on a free port, owned by the test.
@@ -427,7 +447,16 @@ impl RedisServer {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let child = Command::new(&self.bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -435,7 +464,10 @@ impl RedisServer {
             .expect("spawn redis-server");
         self.child = Some(child);
         let port = self.port;
-        assert!(wait_until(|| redis_ping(port)), "redis-server did not come up on {port}");
+        assert!(
+            wait_until(|| redis_ping(port)),
+            "redis-server did not come up on {port}"
+        );
     }
 
     /// Kills the server and waits until its port refuses connections.
@@ -445,7 +477,9 @@ impl RedisServer {
             let _ = child.wait();
         }
         let port = self.port;
-        assert!(wait_until(|| TcpStream::connect(("127.0.0.1", port)).is_err()));
+        assert!(wait_until(
+            || TcpStream::connect(("127.0.0.1", port)).is_err()
+        ));
     }
 }
 
