@@ -125,16 +125,16 @@ fn request(line: &mut String, rng: &mut Rng, args: &Args, seq: u64, value: &str)
     let key = rng.next() % args.keys as u64;
     let roll = (rng.next() % 100) as u32;
     let _ = if roll < args.mix.get {
-        write!(line, "{{\"id\":{seq},\"op\":\"get\",\"key\":\"k{key}\"}}\n")
+        writeln!(line, "{{\"id\":{seq},\"op\":\"get\",\"key\":\"k{key}\"}}")
     } else if roll < args.mix.get + args.mix.put {
-        write!(
+        writeln!(
             line,
-            "{{\"id\":{seq},\"op\":\"put\",\"key\":\"k{key}\",\"value\":\"{value}\"}}\n"
+            "{{\"id\":{seq},\"op\":\"put\",\"key\":\"k{key}\",\"value\":\"{value}\"}}"
         )
     } else {
-        write!(
+        writeln!(
             line,
-            "{{\"id\":{seq},\"op\":\"delete\",\"key\":\"k{key}\"}}\n"
+            "{{\"id\":{seq},\"op\":\"delete\",\"key\":\"k{key}\"}}"
         )
     };
 }

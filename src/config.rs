@@ -437,6 +437,8 @@ fn source_suffix(err: &figment::Error) -> String {
 }
 
 #[cfg(test)]
+// figment::Jail's API takes closures returning figment::Error by value.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 

@@ -273,15 +273,15 @@ fn collect_settled(socket: &UdpSocket, want: &Counts) -> Received {
 }
 
 fn dogstatsd_agent(socket: &UdpSocket, enabled: bool) -> Agent {
-    start_agent(|| {
+    Agent::start_with(
         AgentOptions::default()
             .env("AGENT_METRICS__ENABLED", enabled)
             .env("AGENT_METRICS__EXPORTER", "dogstatsd")
             .env(
                 "AGENT_METRICS__DOGSTATSD__ADDRESS",
                 socket.local_addr().unwrap(),
-            )
-    })
+            ),
+    )
 }
 
 #[test]
@@ -289,7 +289,7 @@ fn both_exporters_report_the_same_counts_for_the_same_traffic() {
     let want = expected();
 
     // Prometheus: scraped from /metrics.
-    let agent = start_agent(AgentOptions::default);
+    let agent = Agent::start();
     traffic(&agent);
     let scraped = counts_from_scrape(&agent.scrape());
     assert_eq!(scraped, want, "Prometheus exporter");

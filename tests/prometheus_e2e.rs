@@ -127,7 +127,7 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     if require_bin("prometheus").is_none() {
         return;
     }
-    let agent = start_agent(AgentOptions::default);
+    let agent = Agent::start();
     // Prometheus 3 refuses a scrape without a valid Content-Type.
     let resp = agent.http_get("/metrics");
     assert_eq!(resp.status, 200);

@@ -72,36 +72,10 @@ fn fd_limits() -> FdLimits {
     })
 }
 
-/// Starts an agent after fixing this process's open-files limits. Ports
-/// come from `free_port`, so another process on this machine may take one
-/// first: then it retries with fresh ports (up to 3 attempts).
+/// Starts an agent after fixing this process's open-files limits.
 fn start(opts: AgentOptions) -> Agent {
     fd_limits();
-    for attempt in 1.. {
-        let copy = AgentOptions {
-            env: opts.env.clone(),
-            dir: opts.dir.clone(),
-            peer_port: opts.peer_port,
-            metrics_port: opts.metrics_port,
-            wait_ready: opts.wait_ready,
-            args: opts.args.clone(),
-        };
-        match std::panic::catch_unwind(|| Agent::start_with(copy)) {
-            Ok(agent) => return agent,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("");
-                if attempt >= 3 || !message.contains("Address already in use") {
-                    std::panic::resume_unwind(panic);
-                }
-                eprintln!("a port was taken by another process; retrying with fresh ports");
-            }
-        }
-    }
-    unreachable!()
+    Agent::start_with(opts)
 }
 
 /// One sample, panicking with the page when it is missing.

@@ -111,7 +111,9 @@ pub fn spawn(
     if matches!(installed, Installed::Disabled) {
         return;
     }
-    let sampler = process::ProcessSampler::new();
+    // Sample before returning, so the first scrape already sees process metrics.
+    let mut sampler = process::ProcessSampler::new();
+    sampler.sample();
     tokio::spawn(sampler.run(cfg.process_interval, cancel.clone()));
     if let Installed::Prometheus { handle, listener } = installed {
         if let Ok(addr) = listener.local_addr() {

@@ -21,15 +21,21 @@ pub struct ProcessSampler {
 }
 
 impl ProcessSampler {
-    /// Describes the process metrics to the installed recorder.
+    /// Describes the process metrics to the installed recorder. The first
+    /// sample's CPU usage covers the process's whole life so far, rather
+    /// than the instant between construction and the first sample.
     pub fn new() -> Self {
         let collector = metrics_process::Collector::default();
         collector.describe();
+        let now = Instant::now();
+        let started = process_age()
+            .and_then(|age| now.checked_sub(age))
+            .unwrap_or(now);
         Self {
             collector,
             cpu_usage: metrics::gauge!(PROCESS_CPU_USAGE),
             memory: metrics::gauge!(PROCESS_MEMORY_BYTES),
-            last: (Instant::now(), process_cpu_time()),
+            last: (started, Duration::ZERO),
         }
     }
 
@@ -49,9 +55,9 @@ impl ProcessSampler {
         }
     }
 
-    /// Samples once now, then every `interval` until cancelled.
+    /// Samples every `interval` until cancelled (call [`Self::sample`]
+    /// first for a value at startup).
     pub async fn run(mut self, interval: Duration, cancel: CancellationToken) {
-        self.sample();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -83,6 +89,28 @@ pub fn process_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// How long ago this process started, from /proc (clock-tick resolution).
+fn process_age() -> Option<Duration> {
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; `starttime` is field 22.
+    let start_ticks: f64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64((uptime - start_ticks / hz as f64).max(0.0)))
+}
+
 /// Resident set size from /proc/self/statm, in bytes.
 pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -102,8 +130,10 @@ mod tests {
     fn samples_cpu_and_memory() {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
-        let wall = Instant::now();
         let mut sampler = metrics::with_local_recorder(&recorder, ProcessSampler::new);
+        // The first sample averages over the process's life; this one is measured from here.
+        metrics::with_local_recorder(&recorder, || sampler.sample());
+        let wall = Instant::now();
         // Burn 200 ms of CPU time. On a loaded machine that takes longer
         // than 200 ms of wall time, so the bound below uses the wall time.
         let burn = Duration::from_millis(200);
@@ -127,5 +157,27 @@ mod tests {
         let mem = gauge(&snap, PROCESS_MEMORY_BYTES, &[]);
         assert!(mem > 1_000_000.0, "rss {mem}");
         assert!(gauge(&snap, "process_threads", &[]) >= 1.0);
+    }
+
+    #[test]
+    fn first_sample_averages_over_the_process_life() {
+        let age = process_age().expect("process age from /proc");
+        let cpu = process_cpu_time();
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let mut sampler = metrics::with_local_recorder(&recorder, ProcessSampler::new);
+        metrics::with_local_recorder(&recorder, || sampler.sample());
+        let got = gauge(&snapshotter.snapshot().into_vec(), PROCESS_CPU_USAGE, &[]);
+        // Bounds from readings taken just before: at least the CPU used until
+        // then over an age at least as long (clock ticks are 10 ms).
+        let tick = Duration::from_millis(10);
+        let lower = cpu.as_secs_f64() / (age + Duration::from_secs(5)).as_secs_f64() * 100.0;
+        let upper = (process_cpu_time() + tick).as_secs_f64()
+            / age.saturating_sub(tick).max(tick).as_secs_f64()
+            * 100.0;
+        assert!(
+            got >= lower && got <= upper,
+            "{got}% not in [{lower}, {upper}]"
+        );
     }
 }

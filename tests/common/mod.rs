@@ -104,11 +104,53 @@ impl Agent {
         Self::start_with(AgentOptions::default())
     }
 
+    /// Ports left to the harness come from `free_port`, so another process
+    /// may bind one before the agent does: then the start is retried with
+    /// fresh ports (up to 3 attempts).
     pub fn start_with(opts: AgentOptions) -> Agent {
         let dir = opts
             .dir
             .clone()
             .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("tempdir")));
+        let ports_ours = opts.peer_port.is_none() || opts.metrics_port.is_none();
+        for attempt in 1.. {
+            let mut agent = Self::spawn(&opts, Arc::clone(&dir));
+            if !opts.wait_ready {
+                return agent;
+            }
+            match agent.wait_ready() {
+                Ok(()) => return agent,
+                Err(log) if ports_ours && attempt < 3 && log.contains("Address already in use") => {
+                    eprintln!("a port was taken by another process; retrying with fresh ports");
+                }
+                Err(log) => panic!("agent did not become ready:\n{log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// Waits for "agent ready"; Err(output) if the agent exits first.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let mut exited = false;
+        let ready = wait_until(|| {
+            if self.log().contains("agent ready") {
+                return true;
+            }
+            exited = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
+            exited
+        });
+        if ready && !exited {
+            return Ok(());
+        }
+        if exited {
+            // Give the reader threads a moment to collect the last lines.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill9();
+        Err(self.log())
+    }
+
+    fn spawn(opts: &AgentOptions, dir: Arc<tempfile::TempDir>) -> Agent {
         let peer_port = opts.peer_port.unwrap_or_else(free_port);
         let metrics_port = opts.metrics_port.unwrap_or_else(free_port);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
@@ -149,17 +191,13 @@ impl Agent {
                 }
             });
         }
-        let mut agent = Agent {
+        Agent {
             child: Some(child),
             peer_addr: format!("127.0.0.1:{peer_port}").parse().unwrap(),
             metrics_addr: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
             dir,
             log,
-        };
-        if opts.wait_ready {
-            agent.wait_for_log("agent ready");
         }
-        agent
     }
 
     /// Everything the agent printed so far.
@@ -767,27 +805,4 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// `Agent::start_with(make())`, retried with fresh ports (up to 3 attempts)
-/// when a port chosen by `free_port` was bound by another process before the
-/// agent could bind it: tests all over this machine share its ports.
-pub fn start_agent(make: impl Fn() -> AgentOptions) -> Agent {
-    for attempt in 1.. {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Agent::start_with(make()))) {
-            Ok(agent) => return agent,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("");
-                if attempt >= 3 || !message.contains("Address already in use") {
-                    std::panic::resume_unwind(panic);
-                }
-                eprintln!("port taken by another process, retrying with fresh ports");
-            }
-        }
-    }
-    unreachable!()
 }
