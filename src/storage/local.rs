@@ -1,10 +1,14 @@
 //! The `local` backend: one redb database file.
 //!
-//! Writes go through a single writer thread that commits whatever has queued
-//! up in one durable transaction (group commit): each acknowledged put is on
-//! disk before its reply, yet many peers writing at once share one fsync
-//! instead of queueing for one each. Reads run on tokio's blocking pool, so
-//! disk I/O never stalls the async runtime.
+//! All database work runs on dedicated threads, so disk I/O never stalls the
+//! async runtime, and each thread takes whatever has queued up as one batch:
+//! - one writer commits a batch in one durable transaction (group commit):
+//!   each acknowledged put is on disk before its reply, yet many peers
+//!   writing at once share one fsync instead of queueing for one each;
+//! - a few readers answer a batch of gets from one read transaction. Under
+//!   load a batch costs one thread wake-up instead of one per get, which is
+//!   what handing each get to tokio's blocking pool cost (most of the CPU
+//!   per message, see docs/performance.md).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,10 +20,12 @@ use super::{Storage, StorageError};
 use crate::config::BackendKind;
 
 const TABLE: TableDefinition<&str, &str> = TableDefinition::new("kv");
-/// Writes queued beyond this make writers wait: back-pressure, not memory growth.
-const WRITE_QUEUE: usize = 4096;
-/// Most writes folded into one transaction.
+/// Requests queued beyond this make callers wait: back-pressure, not memory growth.
+const QUEUE: usize = 4096;
+/// Most requests taken as one batch.
 const MAX_BATCH: usize = 1024;
+/// Reader threads: reads run in parallel, and a slow disk read does not hold up every other one.
+const READERS: usize = 2;
 
 enum WriteOp {
     Put(String, String),
@@ -32,11 +38,100 @@ struct WriteRequest {
     reply: oneshot::Sender<Result<bool, StorageError>>,
 }
 
+struct ReadRequest {
+    key: String,
+    reply: oneshot::Sender<Result<Option<String>, StorageError>>,
+}
+
+/// A bounded queue served by dedicated threads, each taking what has queued
+/// up as one batch. Closing lets the threads drain the queue and exit.
+struct BatchQueue<R> {
+    tx: Mutex<Option<mpsc::Sender<R>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl<R: Send + 'static> BatchQueue<R> {
+    fn start(
+        name: &str,
+        threads: usize,
+        serve: impl Fn(&mut Vec<R>) + Send + Sync + 'static,
+    ) -> Result<Self, StorageError> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        let serve = Arc::new(serve);
+        let mut handles = Vec::with_capacity(threads);
+        for n in 0..threads {
+            let (rx, serve) = (Arc::clone(&rx), Arc::clone(&serve));
+            let handle = std::thread::Builder::new()
+                .name(format!("{name}-{n}"))
+                .spawn(move || {
+                    let mut batch = Vec::with_capacity(MAX_BATCH);
+                    while next_batch(&rx, &mut batch) {
+                        serve(&mut batch);
+                        batch.clear();
+                    }
+                })
+                .map_err(backend_err)?;
+            handles.push(handle);
+        }
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(handles),
+        })
+    }
+
+    async fn submit(&self, req: R) -> Result<(), StorageError> {
+        let stopped = || StorageError::Unavailable("database is closed".into());
+        let tx = self
+            .tx
+            .lock()
+            .map_err(backend_err)?
+            .clone()
+            .ok_or_else(stopped)?;
+        tx.send(req).await.map_err(|_| stopped())
+    }
+
+    async fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let handles = self
+            .threads
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default();
+        let _ = tokio::task::spawn_blocking(move || {
+            for h in handles {
+                let _ = h.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// Waits for a request, then takes whatever else is queued. False once the
+/// queue is closed and empty.
+fn next_batch<R>(rx: &Mutex<mpsc::Receiver<R>>, batch: &mut Vec<R>) -> bool {
+    let Ok(mut rx) = rx.lock() else {
+        return false;
+    };
+    let Some(first) = rx.blocking_recv() else {
+        return false;
+    };
+    batch.push(first);
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(req) => batch.push(req),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
 /// Handle to the local database; cheap to share.
 pub struct LocalStore {
-    db: Arc<Database>,
-    writes: Mutex<Option<mpsc::Sender<WriteRequest>>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    writes: BatchQueue<WriteRequest>,
+    reads: BatchQueue<ReadRequest>,
 }
 
 fn backend_err(e: impl std::fmt::Display) -> StorageError {
@@ -65,59 +160,57 @@ impl LocalStore {
         .await
         .map_err(backend_err)??;
         let db = Arc::new(db);
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer_db = Arc::clone(&db);
-        let writer = std::thread::Builder::new()
-            .name("agent-db-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx))
-            .map_err(backend_err)?;
-        Ok(Self {
-            db,
-            writes: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
-        })
+        let writes = BatchQueue::start("agent-db-writer", 1, move |batch| {
+            write_batch(&writer_db, batch)
+        })?;
+        let reads = BatchQueue::start("agent-db-reader", READERS, move |batch| {
+            read_batch(&db, batch)
+        })?;
+        Ok(Self { writes, reads })
     }
 
     async fn write(&self, op: WriteOp) -> Result<bool, StorageError> {
-        let sender = self
-            .writes
-            .lock()
-            .map_err(backend_err)?
-            .clone()
-            .ok_or_else(|| StorageError::Unavailable("database is closed".into()))?;
         let (reply, rx) = oneshot::channel();
-        sender
-            .send(WriteRequest { op, reply })
-            .await
-            .map_err(|_| StorageError::Unavailable("database writer stopped".into()))?;
+        self.writes.submit(WriteRequest { op, reply }).await?;
         rx.await
             .map_err(|_| StorageError::Unavailable("database writer stopped".into()))?
     }
 }
 
-fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteRequest>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(req) => batch.push(req),
-                Err(_) => break,
+fn write_batch(db: &Database, batch: &mut Vec<WriteRequest>) {
+    match commit_batch(db, batch) {
+        Ok(results) => {
+            for (req, res) in batch.drain(..).zip(results) {
+                let _ = req.reply.send(Ok(res));
             }
         }
-        match commit_batch(db, &batch) {
-            Ok(results) => {
-                for (req, res) in batch.drain(..).zip(results) {
-                    let _ = req.reply.send(Ok(res));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "local database commit failed");
-                for req in batch.drain(..) {
-                    let _ = req.reply.send(Err(StorageError::Backend(e.clone())));
-                }
+        Err(e) => {
+            tracing::error!(error = %e, "local database commit failed");
+            for req in batch.drain(..) {
+                let _ = req.reply.send(Err(StorageError::Backend(e.clone())));
             }
         }
+    }
+}
+
+/// Answers every get in the batch from one read transaction. Each request
+/// was queued before the transaction began, so it sees every put that was
+/// acknowledged before it was sent.
+fn read_batch(db: &Database, batch: &mut Vec<ReadRequest>) {
+    let table = db
+        .begin_read()
+        .map_err(|e| e.to_string())
+        .and_then(|txn| txn.open_table(TABLE).map_err(|e| e.to_string()));
+    for req in batch.drain(..) {
+        let result = match &table {
+            Ok(table) => table
+                .get(req.key.as_str())
+                .map(|v| v.map(|v| v.value().to_owned()))
+                .map_err(backend_err),
+            Err(e) => Err(StorageError::Backend(e.clone())),
+        };
+        let _ = req.reply.send(result);
     }
 }
 
@@ -152,16 +245,11 @@ impl Storage for LocalStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {
-        let db = Arc::clone(&self.db);
+        let (reply, rx) = oneshot::channel();
         let key = key.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(backend_err)?;
-            let table = txn.open_table(TABLE).map_err(backend_err)?;
-            let value = redb::ReadableTable::get(&table, key.as_str()).map_err(backend_err)?;
-            Ok(value.map(|v| v.value().to_owned()))
-        })
-        .await
-        .map_err(backend_err)?
+        self.reads.submit(ReadRequest { key, reply }).await?;
+        rx.await
+            .map_err(|_| StorageError::Unavailable("database reader stopped".into()))?
     }
 
     async fn put(&self, key: &str, value: &str) -> Result<(), StorageError> {
@@ -175,14 +263,9 @@ impl Storage for LocalStore {
     }
 
     async fn close(&self) {
-        // Dropping the sender ends the writer once the queue is drained.
-        if let Ok(mut w) = self.writes.lock() {
-            w.take();
-        }
-        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
-        if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
-        }
+        // Queued requests are still served; then the threads exit.
+        self.writes.close().await;
+        self.reads.close().await;
     }
 }
 
