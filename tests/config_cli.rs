@@ -6,33 +6,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use agent::config::{BackendKind, Config};
 use common::*;
-
-/// Runs the binary to completion in `dir`, with only the given `AGENT_*`
-/// variables (any inherited ones are removed). Returns (code, stdout, stderr).
-fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
-    cmd.args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .env("RUST_BACKTRACE", "1");
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AGENT_")) {
-        cmd.env_remove(k);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run agent");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Asserts a configuration failure: exit 2, nothing on stdout, and exactly
 /// one stderr line that names `needle`, without panic or backtrace text.
@@ -108,7 +85,7 @@ fn invalid_config_file_exits_2_naming_the_key() {
             &["-c", "f.yaml", "run"],
         ] {
             let what = format!("{yaml:?} with {args:?}");
-            assert_config_error(&what, run(dir.path(), args, &[]), key);
+            assert_config_error(&what, run_agent(dir.path(), args, &[]), key);
         }
     }
 }
@@ -129,7 +106,7 @@ fn unparsable_config_file_exits_2_naming_the_file() {
         ] {
             assert_config_error(
                 &format!("{yaml:?}"),
-                run(dir.path(), args, &[]),
+                run_agent(dir.path(), args, &[]),
                 "broken.yaml",
             );
         }
@@ -167,14 +144,14 @@ fn invalid_environment_exits_2_naming_the_key() {
     for (var, value, key) in cases {
         for args in [&["check-config"][..], &[]] {
             let what = format!("{var}={value} with {args:?}");
-            assert_config_error(&what, run(dir.path(), args, &[(var, value)]), key);
+            assert_config_error(&what, run_agent(dir.path(), args, &[(var, value)]), key);
         }
     }
     // The environment is checked even when the file is fine.
     std::fs::write(dir.path().join("ok.yaml"), "metrics:\n  port: 9000\n").unwrap();
     assert_config_error(
         "env over a valid file",
-        run(
+        run_agent(
             dir.path(),
             &["-c", "ok.yaml", "check-config"],
             &[("AGENT_METRICS__PORT", "0")],
@@ -193,14 +170,14 @@ fn missing_config_file_exits_2_naming_the_path() {
     ] {
         assert_config_error(
             &format!("{args:?}"),
-            run(dir.path(), args, &[]),
+            run_agent(dir.path(), args, &[]),
             "/nonexistent/agent.yaml",
         );
     }
     // Relative to the working directory, as given.
     assert_config_error(
         "relative",
-        run(dir.path(), &["-c", "missing.yaml", "check-config"], &[]),
+        run_agent(dir.path(), &["-c", "missing.yaml", "check-config"], &[]),
         "cannot read config file missing.yaml",
     );
 }
@@ -233,7 +210,7 @@ fn check_config_prints_the_effective_config_env_winning_over_file() {
         &["-c", "f.yaml", "check-config"][..],
         &["check-config", "--config", "f.yaml"],
     ] {
-        let (code, stdout, stderr) = run(dir.path(), args, &env);
+        let (code, stdout, stderr) = run_agent(dir.path(), args, &env);
         assert_eq!(code, 0, "{args:?}: {stderr}");
         assert_eq!(stderr, "", "{args:?}");
         let got: Config =
@@ -255,7 +232,8 @@ fn check_config_prints_the_effective_config_env_winning_over_file() {
 
     // The printed configuration is a valid file that means the same thing.
     std::fs::write(dir.path().join("printed.yaml"), &outputs[0]).unwrap();
-    let (code, stdout, stderr) = run(dir.path(), &["check-config", "-c", "printed.yaml"], &[]);
+    let (code, stdout, stderr) =
+        run_agent(dir.path(), &["check-config", "-c", "printed.yaml"], &[]);
     assert_eq!((code, stderr.as_str()), (0, ""));
     assert_eq!(stdout, outputs[0]);
 }
@@ -264,7 +242,7 @@ fn check_config_prints_the_effective_config_env_winning_over_file() {
 fn check_config_defaults_and_the_default_file() {
     let dir = tempfile::tempdir().unwrap();
     // No file at all: the defaults.
-    let (code, stdout, stderr) = run(dir.path(), &["check-config"], &[]);
+    let (code, stdout, stderr) = run_agent(dir.path(), &["check-config"], &[]);
     assert_eq!((code, stderr.as_str()), (0, ""));
     assert_eq!(
         serde_yaml::from_str::<Config>(&stdout).unwrap(),
@@ -273,7 +251,7 @@ fn check_config_defaults_and_the_default_file() {
 
     // The repository's agent.yaml documents exactly the defaults.
     let repo_yaml = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.yaml");
-    let (code, from_repo, stderr) = run(
+    let (code, from_repo, stderr) = run_agent(
         dir.path(),
         &["check-config", "-c", repo_yaml.to_str().unwrap()],
         &[],
@@ -287,7 +265,7 @@ fn check_config_defaults_and_the_default_file() {
         "metrics:\n  port: 9001\nlog:\n  level: debug\n",
     )
     .unwrap();
-    let (code, stdout, stderr) = run(
+    let (code, stdout, stderr) = run_agent(
         dir.path(),
         &["check-config"],
         &[("AGENT_LOG__LEVEL", "warn")],
@@ -300,7 +278,7 @@ fn check_config_defaults_and_the_default_file() {
     std::fs::write(dir.path().join("agent.yaml"), "metrics:\n  port: 0\n").unwrap();
     assert_config_error(
         "./agent.yaml",
-        run(dir.path(), &["check-config"], &[]),
+        run_agent(dir.path(), &["check-config"], &[]),
         "metrics.port: ",
     );
 }

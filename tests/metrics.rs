@@ -8,8 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::Instant;
+use std::process::{Command, Stdio};
 
 use agent::telemetry::defs::{Kind, Source};
 use agent::telemetry::METRICS;
@@ -784,49 +783,17 @@ fn health_answers_ok_other_paths_404_and_metrics_path_is_configurable() {
     assert_eq!(custom.http_get("/health").status, 200);
 }
 
-/// Runs the binary to its exit, bounded by `WAIT`: (status, stdout, stderr).
-fn run_to_exit(env: &[(&str, String)]) -> (ExitStatus, String, String) {
+/// Runs the binary with free peer and storage settings to its exit.
+fn run_to_exit(env: &[(&str, String)]) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
-    cmd.current_dir(dir.path())
-        .env_remove("RUST_LOG")
-        .env(
-            "AGENT_NETWORK__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env("AGENT_STORAGE__LOCAL__PATH", dir.path().join("agent.db"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn agent");
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("agent did not exit:\n{}", err.join().unwrap());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    (status, out.join().unwrap(), err.join().unwrap())
+    let listen = format!("127.0.0.1:{}", free_port());
+    let db = dir.path().join("agent.db").display().to_string();
+    let mut all: Vec<(&str, &str)> = vec![
+        ("AGENT_NETWORK__LISTEN", listen.as_str()),
+        ("AGENT_STORAGE__LOCAL__PATH", db.as_str()),
+    ];
+    all.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
+    run_agent(dir.path(), &[], &all)
 }
 
 #[test]
@@ -845,8 +812,7 @@ fn metrics_port_in_use_stops_startup_with_one_line_naming_the_address() {
     // Logging off: the error is all there is, on one line.
     let (status, stdout, stderr) = run_to_exit(&env("off"));
     assert_eq!(
-        status.code(),
-        Some(1),
+        status, 1,
         "README: 1 = runtime failure at startup; stderr:\n{stderr}"
     );
     assert_eq!(stdout, "");
@@ -859,7 +825,7 @@ fn metrics_port_in_use_stops_startup_with_one_line_naming_the_address() {
 
     // Default logging: the same line ends the output, and the agent never got ready.
     let (status, _, stderr) = run_to_exit(&env("info"));
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(status, 1, "{stderr}");
     assert!(
         stderr
             .lines()

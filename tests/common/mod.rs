@@ -154,6 +154,10 @@ impl Agent {
         let peer_port = opts.peer_port.unwrap_or_else(free_port);
         let metrics_port = opts.metrics_port.unwrap_or_else(free_port);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+        // No inherited AGENT_* settings: only the harness's and the test's own.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AGENT_")) {
+            cmd.env_remove(k);
+        }
         cmd.args(&opts.args)
             .current_dir(dir.path())
             .env_remove("RUST_LOG")
@@ -284,18 +288,63 @@ impl Drop for Agent {
     }
 }
 
-/// Runs the binary to completion (for config errors, check-config).
+/// Runs the binary to completion in `dir` (config errors, check-config,
+/// startup failures), bounded by `WAIT`, with only the given `AGENT_*`
+/// variables: inherited ones are removed, and RUST_BACKTRACE is on so that a
+/// panic could not hide. Returns (code, stdout, stderr).
 pub fn run_agent(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
-    cmd.args(args).current_dir(dir).env_remove("RUST_LOG");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AGENT_")) {
+        cmd.env_remove(k);
+    }
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("run agent");
+    let mut child = cmd.spawn().expect("spawn agent");
+    let read_all = |stream: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut stream) = stream {
+                let _ = stream.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = read_all(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = read_all(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for agent") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent did not exit:\n{}", err.join().unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
     )
 }
 
