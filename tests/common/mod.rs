@@ -283,8 +283,24 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// Stops the agent as an operator would (SIGTERM), so it exits through
+    /// its shutdown path (and coverage tools get their data); SIGKILL if it
+    /// takes longer than a few seconds.
     fn drop(&mut self) {
-        self.kill9();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
