@@ -236,7 +236,6 @@ pub struct Resolved {
     pub listen: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub allowed_networks: Vec<IpNet>,
-    pub dogstatsd_addr: String,
 }
 
 impl Config {
@@ -277,15 +276,7 @@ impl Config {
             )
         })?;
         for (i, peer) in self.network.peers.iter().enumerate() {
-            let ok = peer.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !ok {
-                return Err(invalid(
-                    &format!("network.peers[{i}]"),
-                    format!("{peer:?} is not host:port"),
-                ));
-            }
+            check_host_port(&format!("network.peers[{i}]"), peer)?;
         }
         if self.network.max_connections == 0 {
             return Err(invalid(
@@ -371,17 +362,8 @@ impl Config {
                 "must be at least 1, got 0",
             ));
         }
-        let dogstatsd_addr = self.metrics.dogstatsd.address.clone();
         if self.metrics.exporter == ExporterKind::Dogstatsd {
-            let ok = dogstatsd_addr.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !ok {
-                return Err(invalid(
-                    "metrics.dogstatsd.address",
-                    format!("{dogstatsd_addr:?} is not host:port"),
-                ));
-            }
+            check_host_port("metrics.dogstatsd.address", &self.metrics.dogstatsd.address)?;
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             invalid(
@@ -393,7 +375,6 @@ impl Config {
             listen,
             metrics_addr: SocketAddr::new(ip, self.metrics.port),
             allowed_networks,
-            dogstatsd_addr,
         })
     }
 
@@ -412,6 +393,19 @@ impl Config {
             .ok()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "unknown".to_string())
+    }
+}
+
+/// A `host:port` to dial: a non-empty host and a port from 1 to 65535.
+/// (Host names are resolved when dialing, so only the shape is checked.)
+fn check_host_port(key: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = value
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("{value:?} is not host:port")))
     }
 }
 

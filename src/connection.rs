@@ -95,10 +95,6 @@ impl Connection {
         self.writer.write_all(bytes).await
     }
 
-    pub async fn flush(&mut self) -> std::io::Result<()> {
-        self.writer.flush().await
-    }
-
     /// Reads and drops input for up to `limit`, until the peer closes.
     ///
     /// Closing a socket with unread input makes the kernel send a reset,

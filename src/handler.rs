@@ -2,6 +2,8 @@
 //! storage, encode. No sockets here, so benchmarks drive exactly the code
 //! that serves peers.
 
+use serde_json::value::RawValue;
+
 use crate::protocol::{self, FailReason, Failure, Outcome, Request};
 use crate::storage::Storage;
 use crate::telemetry::MessageMetrics;
@@ -34,11 +36,7 @@ impl<S: Storage> Handler<S> {
             Ok(request) => self.execute(request).await,
             Err(failure) => Outcome::Failed(failure),
         };
-        if let Outcome::Failed(f) = &outcome {
-            self.metrics.failed(f.reason).increment(1);
-        }
-        protocol::encode(out, id, &outcome);
-        self.metrics.duration.record(start.elapsed());
+        self.reply(start, id, &outcome, out);
     }
 
     /// Appends the reply for a line longer than the limit, which is counted
@@ -46,14 +44,27 @@ impl<S: Storage> Handler<S> {
     pub fn too_large(&self, limit: usize, out: &mut Vec<u8>) {
         let start = quanta::Instant::now();
         self.metrics.received.increment(1);
-        self.metrics.failed(FailReason::TooLarge).increment(1);
         let failure = Failure::new(
             FailReason::TooLarge,
             format!(
                 "message exceeds network.max_message_bytes ({limit} bytes); closing connection"
             ),
         );
-        protocol::encode(out, None, &Outcome::Failed(failure));
+        self.reply(start, None, &Outcome::Failed(failure), out);
+    }
+
+    /// Counts a failure, encodes the reply and records the message's duration.
+    fn reply(
+        &self,
+        start: quanta::Instant,
+        id: Option<&RawValue>,
+        outcome: &Outcome,
+        out: &mut Vec<u8>,
+    ) {
+        if let Outcome::Failed(f) = outcome {
+            self.metrics.failed(f.reason).increment(1);
+        }
+        protocol::encode(out, id, outcome);
         self.metrics.duration.record(start.elapsed());
     }
 

@@ -1,6 +1,7 @@
 //! The peer listener: accepts connections, enforces the connection limit,
 //! and serves each connection in its own task.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,17 +33,9 @@ impl<S: Storage> Server<S> {
     pub async fn run(self, tracker: TaskTracker, cancel: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.max_connections));
         loop {
-            let (stream, remote) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // Usually EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "peer listener: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+            let Some((stream, remote)) = accept(&self.listener, &cancel, "peer listener").await
+            else {
+                return;
             };
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                 self.peers.rejected();
@@ -58,6 +51,28 @@ impl<S: Storage> Server<S> {
                 serve(stream, &handler, max_line, &cancel).await;
                 drop(slot);
             });
+        }
+    }
+}
+
+/// Accepts the next connection, or None once `cancel` fires. A failed
+/// accept (usually EMFILE) is logged and retried after a pause instead of
+/// spinning. `what` names the listener in the log.
+pub async fn accept(
+    listener: &TcpListener,
+    cancel: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what}: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
         }
     }
 }

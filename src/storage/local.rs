@@ -32,15 +32,18 @@ enum WriteOp {
     Delete(String),
 }
 
+/// Where a queued request's answer goes.
+type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
+
 struct WriteRequest {
     op: WriteOp,
     /// `true` when a deleted key existed; always `true` for puts.
-    reply: oneshot::Sender<Result<bool, StorageError>>,
+    reply: Reply<bool>,
 }
 
 struct ReadRequest {
     key: String,
-    reply: oneshot::Sender<Result<Option<String>, StorageError>>,
+    reply: Reply<Option<String>>,
 }
 
 /// A bounded queue served by dedicated threads, each taking what has queued
@@ -80,7 +83,8 @@ impl<R: Send + 'static> BatchQueue<R> {
         })
     }
 
-    async fn submit(&self, req: R) -> Result<(), StorageError> {
+    /// Queues the request built around a reply channel and waits for its answer.
+    async fn call<T>(&self, request: impl FnOnce(Reply<T>) -> R) -> Result<T, StorageError> {
         let stopped = || StorageError::Unavailable("database is closed".into());
         let tx = self
             .tx
@@ -88,7 +92,9 @@ impl<R: Send + 'static> BatchQueue<R> {
             .map_err(backend_err)?
             .clone()
             .ok_or_else(stopped)?;
-        tx.send(req).await.map_err(|_| stopped())
+        let (reply, answer) = oneshot::channel();
+        tx.send(request(reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn close(&self) {
@@ -169,13 +175,6 @@ impl LocalStore {
         })?;
         Ok(Self { writes, reads })
     }
-
-    async fn write(&self, op: WriteOp) -> Result<bool, StorageError> {
-        let (reply, rx) = oneshot::channel();
-        self.writes.submit(WriteRequest { op, reply }).await?;
-        rx.await
-            .map_err(|_| StorageError::Unavailable("database writer stopped".into()))?
-    }
 }
 
 fn write_batch(db: &Database, batch: &mut Vec<WriteRequest>) {
@@ -245,21 +244,21 @@ impl Storage for LocalStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {
-        let (reply, rx) = oneshot::channel();
         let key = key.to_owned();
-        self.reads.submit(ReadRequest { key, reply }).await?;
-        rx.await
-            .map_err(|_| StorageError::Unavailable("database reader stopped".into()))?
+        self.reads.call(|reply| ReadRequest { key, reply }).await
     }
 
     async fn put(&self, key: &str, value: &str) -> Result<(), StorageError> {
-        self.write(WriteOp::Put(key.to_owned(), value.to_owned()))
+        let op = WriteOp::Put(key.to_owned(), value.to_owned());
+        self.writes
+            .call(|reply| WriteRequest { op, reply })
             .await
             .map(|_| ())
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StorageError> {
-        self.write(WriteOp::Delete(key.to_owned())).await
+        let op = WriteOp::Delete(key.to_owned());
+        self.writes.call(|reply| WriteRequest { op, reply }).await
     }
 
     async fn close(&self) {

@@ -6,7 +6,7 @@
 //! The names, types and labels are a contract with operators' dashboards
 //! and alerts: never rename them.
 
-use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics::{Counter, Gauge, Histogram, KeyName, SharedString, Unit};
 
 use crate::protocol::FailReason;
 
@@ -238,16 +238,17 @@ pub const METRICS: &[MetricDef] = &[
 /// Registers HELP text (and units) for the agent's own metrics with the
 /// installed recorder, so every metric renders with HELP and TYPE lines.
 pub fn describe_all() {
-    for def in METRICS.iter().filter(|d| d.source == Source::Agent) {
-        match (def.kind, def.unit) {
-            (Kind::Counter, Some(u)) => metrics::describe_counter!(def.name, u, def.help),
-            (Kind::Counter, None) => metrics::describe_counter!(def.name, def.help),
-            (Kind::Gauge, Some(u)) => metrics::describe_gauge!(def.name, u, def.help),
-            (Kind::Gauge, None) => metrics::describe_gauge!(def.name, def.help),
-            (Kind::Histogram, Some(u)) => metrics::describe_histogram!(def.name, u, def.help),
-            (Kind::Histogram, None) => metrics::describe_histogram!(def.name, def.help),
+    metrics::with_recorder(|recorder| {
+        for def in METRICS.iter().filter(|d| d.source == Source::Agent) {
+            let name = KeyName::from_const_str(def.name);
+            let help = SharedString::const_str(def.help);
+            match def.kind {
+                Kind::Counter => recorder.describe_counter(name, def.unit, help),
+                Kind::Gauge => recorder.describe_gauge(name, def.unit, help),
+                Kind::Histogram => recorder.describe_histogram(name, def.unit, help),
+            }
         }
-    }
+    });
 }
 
 /// Handles for the message path, created once so that recording is an

@@ -25,6 +25,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+
+use crate::server::accept;
 use tokio_util::sync::CancellationToken;
 
 pub const HEALTH_PATH: &str = "/health";
@@ -152,17 +154,8 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: Cancellati
     });
     let endpoint = Arc::new(endpoint);
     loop {
-        let (stream, remote) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Usually EMFILE: back off instead of spinning.
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((stream, remote)) = accept(&listener, &cancel, "metrics endpoint").await else {
+            return;
         };
         let guard = slots.admit();
         let endpoint = Arc::clone(&endpoint);

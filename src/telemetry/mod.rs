@@ -88,7 +88,7 @@ pub async fn install(
         }
         ExporterKind::Dogstatsd => {
             metrics_exporter_dogstatsd::DogStatsDBuilder::default()
-                .with_remote_address(&resolved.dogstatsd_addr)
+                .with_remote_address(&cfg.dogstatsd.address)
                 .and_then(|b| b.with_telemetry(false).install())
                 .map_err(|e| TelemetryError::Install(e.to_string()))?;
             Installed::Dogstatsd
@@ -138,6 +138,6 @@ pub fn spawn(
         };
         tokio::spawn(http::serve(listener, endpoint, cancel.clone()));
     } else {
-        tracing::info!(address = %resolved.dogstatsd_addr, "sending metrics to DogStatsD");
+        tracing::info!(address = %cfg.dogstatsd.address, "sending metrics to DogStatsD");
     }
 }
