@@ -38,8 +38,7 @@ if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
   pin_agent=(taskset -c 0) pin_load=(taskset -c 1)
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+. benches/common.sh
 
 export AGENT_STORAGE__BACKEND=$backend
 export AGENT_STORAGE__LOCAL__PATH=$work/agent.db

@@ -16,7 +16,7 @@ while [ $# -gt 0 ]; do
 done
 cargo build --release --quiet --bin agent --example loadgen
 work=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. benches/common.sh
 peer_port=$(free_port)
 AGENT_STORAGE__BACKEND=$backend AGENT_STORAGE__LOCAL__PATH=$work/agent.db \
 AGENT_NETWORK__LISTEN=127.0.0.1:$peer_port AGENT_METRICS__ADDRESS=127.0.0.1 \
@@ -25,7 +25,7 @@ AGENT_METRICS__PORT=$(free_port) AGENT_LOG__LEVEL=warn \
 agent_pid=$!
 load_pid=
 trap 'kill $agent_pid ${load_pid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$peer_port") 2>/dev/null && break; sleep 0.05; done
+wait_port "$peer_port"
 
 ( end=$((SECONDS + seconds))
   while [ $SECONDS -lt $end ]; do

@@ -161,22 +161,7 @@ fn endpoint_serves_prometheus_text_with_every_metric() {
         );
     }
     for op in OPERATIONS {
-        let labels = [("operation", op), ("backend", "local")];
-        assert_eq!(
-            value(&text, "storage_operations_total", &labels),
-            0.0,
-            "{op}"
-        );
-        assert_eq!(
-            value(&text, "storage_operation_errors_total", &labels),
-            0.0,
-            "{op}"
-        );
-        assert_eq!(
-            value(&text, "storage_operation_duration_seconds_count", &labels),
-            0.0,
-            "{op}"
-        );
+        assert_storage_op(&text, op, "local", 0.0, 0.0);
     }
     assert!(value(&text, "process_memory_bytes", &[]) > 1e6);
     assert!(value(&text, "process_threads", &[]) >= 1.0);
@@ -307,6 +292,20 @@ fn histograms_are_real_histograms_with_the_defined_buckets() {
     );
 }
 
+/// One storage operation's series: `operations` completed (and as many
+/// durations recorded), `errors` of them failed.
+fn assert_storage_op(text: &str, op: &str, backend: &str, operations: f64, errors: f64) {
+    let labels = [("operation", op), ("backend", backend)];
+    let series = [
+        ("storage_operations_total", operations),
+        ("storage_operation_errors_total", errors),
+        ("storage_operation_duration_seconds_count", operations),
+    ];
+    for (name, want) in series {
+        assert_eq!(value(text, name, &labels), want, "{name} {op} {backend}");
+    }
+}
+
 /// Exactly N puts, M gets and K deletes over two peer connections, then one
 /// failure of each kind a peer can cause; every count must be exact.
 fn assert_exact_counts(agent: &Agent, backend: &str, other_backend: &str) {
@@ -354,17 +353,7 @@ fn assert_exact_counts(agent: &Agent, backend: &str, other_backend: &str) {
     for (op, n) in [("put", N), ("get", M), ("delete", K)] {
         let labels = [("operation", op), ("backend", backend)];
         let n = n as f64;
-        assert_eq!(value(&text, "storage_operations_total", &labels), n, "{op}");
-        assert_eq!(
-            value(&text, "storage_operation_errors_total", &labels),
-            0.0,
-            "{op}"
-        );
-        assert_eq!(
-            value(&text, "storage_operation_duration_seconds_count", &labels),
-            n,
-            "{op}"
-        );
+        assert_storage_op(&text, op, backend, n, 0.0);
         let inf = [("operation", op), ("backend", backend), ("le", "+Inf")];
         assert_eq!(
             value(&text, "storage_operation_duration_seconds_bucket", &inf),
@@ -442,13 +431,7 @@ fn counts_are_exact_on_the_redis_backend_and_errors_are_counted() {
     let reply = peer.get("key4");
     assert_eq!(reply["ok"], false, "{reply}");
     let text = agent.scrape();
-    let get = [("operation", "get"), ("backend", "redis")];
-    assert_eq!(value(&text, "storage_operations_total", &get), 6.0);
-    assert_eq!(value(&text, "storage_operation_errors_total", &get), 1.0);
-    assert_eq!(
-        value(&text, "storage_operation_duration_seconds_count", &get),
-        6.0
-    );
+    assert_storage_op(&text, "get", "redis", 6.0, 1.0);
     assert_eq!(
         value(&text, "messages_failed_total", &[("reason", "storage")]),
         1.0

@@ -419,6 +419,24 @@ impl Peer {
         self.call(serde_json::json!({"op": "delete", "key": key}))
     }
 
+    /// Known traffic, every reply checked so all of it was recorded: `puts`
+    /// puts of `k0`, `k1`, … with value `v`; then `gets` gets and `deletes`
+    /// deletes of keys already put; then `unknown` requests with an unknown op.
+    pub fn known_traffic(&mut self, puts: usize, gets: usize, deletes: usize, unknown: usize) {
+        for i in 0..puts {
+            assert_eq!(self.put(&format!("k{i}"), "v")["ok"], true);
+        }
+        for i in 0..gets {
+            assert_eq!(self.get(&format!("k{i}"))["value"], "v");
+        }
+        for i in 0..deletes {
+            assert_eq!(self.delete(&format!("k{i}"))["deleted"], true);
+        }
+        for _ in 0..unknown {
+            assert_eq!(self.call(serde_json::json!({"op": "fly"}))["ok"], false);
+        }
+    }
+
     /// Closes with a TCP reset instead of a FIN.
     pub fn reset(self) {
         linger_zero(&self.writer);
@@ -461,34 +479,50 @@ impl HttpResponse {
     }
 }
 
-/// A minimal HTTP/1.1 GET with `Connection: close`.
+/// A minimal HTTP/1.1 GET with `Connection: close`, panicking on failure.
 pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(WAIT)).unwrap();
+    try_http_get(addr, path, "HTTP/1.1").unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// A minimal GET that reads until the server closes. `version` is
+/// `HTTP/1.1` (sent with `Connection: close`) or `HTTP/1.0`, for which
+/// servers send the body without chunked encoding (Go's net/http does).
+pub fn try_http_get(addr: SocketAddr, path: &str, version: &str) -> std::io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    let close = if version == "HTTP/1.1" {
+        "Connection: close\r\n"
+    } else {
+        ""
+    };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+        "GET {path} {version}\r\nHost: {addr}\r\n{close}\r\n"
+    )?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read HTTP response");
+    stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let bad = |what: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {text:?}"))
+    };
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no HTTP head"))?;
     let mut lines = head.lines();
     let status = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
-        .expect("status line");
+        .ok_or_else(|| bad("no status line"))?;
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
-    HttpResponse {
+    Ok(HttpResponse {
         status,
         headers,
         body: body.to_string(),
-    }
+    })
 }
 
 /// Reads one sample's value from exposition text: `name{labels} value`.
@@ -690,38 +724,6 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
-/// A minimal HTTP/1.0 GET: the server sends the body without chunked
-/// encoding and closes the connection when done (Go's net/http does both).
-pub fn http10_get(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(WAIT))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let bad = |what: &str| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {text:?}"))
-    };
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| bad("no HTTP head"))?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no status line"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    Ok(HttpResponse {
-        status,
-        headers,
-        body: body.to_string(),
-    })
-}
-
 /// A real `prometheus` server on a free loopback port, with its config and
 /// TSDB in a temporary directory owned by the test.
 pub struct Prometheus {
@@ -797,7 +799,7 @@ impl Prometheus {
         // machine, so allow twice the usual wait.
         let deadline = Instant::now() + 2 * WAIT;
         while Instant::now() < deadline {
-            if matches!(http10_get(self.addr, "/-/ready"), Ok(r) if r.status == 200) {
+            if matches!(try_http_get(self.addr, "/-/ready", "HTTP/1.0"), Ok(r) if r.status == 200) {
                 return Ok(());
             }
             if !matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None))) {
@@ -836,7 +838,7 @@ impl Prometheus {
 
     /// GET on the HTTP API, parsed as JSON (whatever the status).
     pub fn api(&self, path_and_query: &str) -> serde_json::Value {
-        let resp = http10_get(self.addr, path_and_query)
+        let resp = try_http_get(self.addr, path_and_query, "HTTP/1.0")
             .unwrap_or_else(|e| panic!("GET {path_and_query}: {e}\n{}", self.log()));
         serde_json::from_str(&resp.body).unwrap_or_else(|e| {
             panic!(
