@@ -18,8 +18,8 @@ use agent::telemetry::{self, MessageMetrics, StorageOpMetrics};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use metrics_exporter_prometheus::{PrometheusHandle, PrometheusRecorder};
 
-/// Upkeep every this many operations: far more often than the agent's 5 s
-/// at any realistic rate, so the cost is if anything overstated.
+/// Upkeep every this many operations: more often than the agent's upkeep
+/// (every 250 ms) at any realistic rate, so the cost is if anything overstated.
 const UPKEEP_EVERY: u64 = 16 * 1024;
 
 struct Setup {
