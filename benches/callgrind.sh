@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Metrics on versus off in instructions, not seconds: runs the release agent
+# under valgrind's callgrind with metrics enabled and disabled, alternately,
+# drives the same load through it with the load generator, and reports the
+# agent's instructions per message, how many of them run in metrics code
+# (the `metrics` facade, the exporter, metrics-util, crossbeam-epoch under
+# its histograms, quanta, hyper and our telemetry module), and the median
+# ratios. Instruction counts do not depend on what else the machine is doing,
+# so this resolves differences far below the ±10% noise of wall-clock runs.
+#
+#   benches/callgrind.sh [--backend local|redis] [--rounds 3] [--messages 50000]
+#                        [--peers 16] [--mix get=90,put=10,delete=0] [--keys 10000]
+#
+# Only the load is counted: callgrind's instrumentation is switched on after
+# a warm-up of 2,000 messages and off before the agent stops. Profiles are
+# kept in target/callgrind/<backend>-<mix>/ for callgrind_annotate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+backend=local rounds=3 messages=50000 peers=16 mix="get=90,put=10,delete=0" keys=10000
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --backend) backend=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --messages) messages=$2; shift 2 ;;
+    --peers) peers=$2; shift 2 ;;
+    --mix) mix=$2; shift 2 ;;
+    --keys) keys=$2; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+for tool in valgrind callgrind_control callgrind_annotate python3; do
+  command -v "$tool" >/dev/null || { echo "$tool is required (Debian: apt-get install valgrind python3)" >&2; exit 1; }
+done
+
+cargo build --release --quiet --bin agent --example loadgen
+agent_bin=target/release/agent
+loadgen_bin=target/release/examples/loadgen
+out_dir=target/callgrind/$backend-${mix//[=,]/-}
+mkdir -p "$out_dir"
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+. benches/common.sh
+
+export AGENT_STORAGE__BACKEND=$backend
+export AGENT_STORAGE__LOCAL__PATH=$work/agent.db
+if [ "$backend" = redis ]; then
+  rport=$(free_port)
+  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
+  pids+=($!)
+  wait_port "$rport"
+  export AGENT_STORAGE__REDIS__URL=redis://127.0.0.1:$rport/0
+fi
+peer_port=$(free_port)
+export AGENT_NETWORK__LISTEN=127.0.0.1:$peer_port
+export AGENT_METRICS__ADDRESS=127.0.0.1
+export AGENT_METRICS__PORT=$(free_port)
+export AGENT_LOG__LEVEL=warn
+
+load() { "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" --keys "$keys" "$@"; }
+
+echo "preloading $keys keys ($backend backend)"
+AGENT_METRICS__ENABLED=false "$agent_bin" >"$work/agent.log" 2>&1 &
+agent_pid=$!
+pids+=("$agent_pid")
+wait_port "$peer_port"
+load --messages 1 --preload >/dev/null
+kill -TERM "$agent_pid"; wait "$agent_pid" || true
+
+results=$work/results
+: >"$results"
+for round in $(seq 1 "$rounds"); do
+  if [ $((round % 2)) -eq 1 ]; then order="true false"; else order="false true"; fi
+  for on in $order; do
+    profile=$out_dir/metrics-$on-round-$round.out
+    AGENT_METRICS__ENABLED=$on valgrind --tool=callgrind --instr-atstart=no \
+      --callgrind-out-file="$profile" "$agent_bin" >"$work/agent.log" 2>&1 &
+    agent_pid=$!
+    pids+=("$agent_pid")
+    wait_port "$peer_port"
+    load --messages 2000 --mix "$mix" >/dev/null
+    callgrind_control -i on "$agent_pid" >/dev/null 2>&1
+    n=$(load --messages "$messages" --mix "$mix" | sed -nE 's/^RESULT messages=([0-9]+).*/\1/p')
+    callgrind_control -i off "$agent_pid" >/dev/null 2>&1
+    kill -TERM "$agent_pid"; wait "$agent_pid" || true
+    python3 - "$profile" "$n" "$round" "$on" >>"$results" <<'PY'
+import re, subprocess, sys
+path, n, round_, on = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+# A line of callgrind_annotate is metrics code when its source file or the
+# function it was inlined into belongs to the metrics stack.
+metrics = re.compile(r'/metrics-0\.|/metrics-util-|/metrics-exporter-|/metrics-process-|/quanta-|/crossbeam-epoch-|/hyper-|/procfs|src/telemetry/'
+                     r'|[ :<]metrics::|metrics_util::|metrics_exporter_|metrics_process::|quanta::|crossbeam_epoch::|hyper::|agent::telemetry::')
+out = subprocess.run(['callgrind_annotate', '--auto=no', '--threshold=100', path],
+                     capture_output=True, text=True, check=True).stdout
+total = in_metrics = 0
+for line in out.splitlines():
+    m = re.match(r'\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*)$', line)
+    if m and 'PROGRAM TOTALS' not in line:
+        cost = int(m.group(1).replace(',', ''))
+        total += cost
+        if metrics.search(m.group(2)):
+            in_metrics += cost
+print(round_, on, f'{total / n:.1f}', f'{in_metrics / n:.1f}')
+PY
+    tail -1 "$results" | awk -v p="$profile" '{ printf "round %s metrics=%s: %s instructions/msg, %s of them in metrics code (%s)\n", $1, $2, $3, $4, p }'
+  done
+done
+
+awk '
+  { if ($2 == "true") { on[$1] = $3; on_m[$1] = $4 } else { off[$1] = $3; off_m[$1] = $4 } }
+  END {
+    n = 0
+    for (k in on) { n++; a[n] = on[k]; b[n] = off[k]; r[n] = on[k] / off[k]; d[n] = on_m[k] - off_m[k]; s[n] = on_m[k] / on[k] * 100 }
+    printf "median instructions per message on:  %.0f\n", median(a, n)
+    printf "median instructions per message off: %.0f\n", median(b, n)
+    printf "median metrics-code instructions per message, on minus off: %.0f\n", median(d, n)
+    printf "median share of metrics code with metrics on: %.2f%%\n", median(s, n)
+    printf "median instructions-per-message ratio (on/off): %.4f\n", median(r, n)
+  }
+  function median(a, n,   i, j, t) {
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+  }' "$results"
