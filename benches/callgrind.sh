@@ -33,42 +33,17 @@ for tool in valgrind callgrind_control callgrind_annotate python3; do
   command -v "$tool" >/dev/null || { echo "$tool is required (Debian: apt-get install valgrind python3)" >&2; exit 1; }
 done
 
-cargo build --release --quiet --bin agent --example loadgen
-agent_bin=target/release/agent
-loadgen_bin=target/release/examples/loadgen
+. benches/common.sh
+build_release
 out_dir=target/callgrind/$backend-${mix//[=,]/-}
 mkdir -p "$out_dir"
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+scratch
 
-. benches/common.sh
-
-export AGENT_STORAGE__BACKEND=$backend
-export AGENT_STORAGE__LOCAL__PATH=$work/agent.db
-if [ "$backend" = redis ]; then
-  rport=$(free_port)
-  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
-  pids+=($!)
-  wait_port "$rport"
-  export AGENT_STORAGE__REDIS__URL=redis://127.0.0.1:$rport/0
-fi
-peer_port=$(free_port)
-export AGENT_NETWORK__LISTEN=127.0.0.1:$peer_port
-export AGENT_METRICS__ADDRESS=127.0.0.1
-export AGENT_METRICS__PORT=$(free_port)
-export AGENT_LOG__LEVEL=warn
+agent_env "$backend"
 
 load() { "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" --keys "$keys" "$@"; }
 
-echo "preloading $keys keys ($backend backend)"
-AGENT_METRICS__ENABLED=false "$agent_bin" >"$work/agent.log" 2>&1 &
-agent_pid=$!
-pids+=("$agent_pid")
-wait_port "$peer_port"
-load --messages 1 --preload >/dev/null
-kill -TERM "$agent_pid"; wait "$agent_pid" || true
+preload "$keys"
 
 results=$work/results
 : >"$results"
@@ -119,8 +94,4 @@ awk '
     printf "median metrics-code instructions per message, on minus off: %.0f\n", median(d, n)
     printf "median share of metrics code with metrics on: %.2f%%\n", median(s, n)
     printf "median instructions-per-message ratio (on/off): %.4f\n", median(r, n)
-  }
-  function median(a, n,   i, j, t) {
-    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
-    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-  }' "$results"
+  }'"$AWK_MEDIAN" "$results"

@@ -29,35 +29,16 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-cargo build --release --quiet --bin agent --example loadgen
-agent_bin=target/release/agent
-loadgen_bin=target/release/examples/loadgen
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+. benches/common.sh
+build_release
+scratch
 
 pin_agent=() pin_load=()
 if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
   pin_agent=(taskset -c 0) pin_load=(taskset -c 1)
 fi
 
-. benches/common.sh
-
-export AGENT_STORAGE__BACKEND=$backend
-export AGENT_STORAGE__LOCAL__PATH=$work/agent.db
-if [ "$backend" = redis ]; then
-  rport=$(free_port)
-  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
-  pids+=($!)
-  wait_port "$rport"
-  export AGENT_STORAGE__REDIS__URL=redis://127.0.0.1:$rport/0
-fi
-peer_port=$(free_port)
-export AGENT_NETWORK__LISTEN=127.0.0.1:$peer_port
-export AGENT_METRICS__ADDRESS=127.0.0.1
-export AGENT_METRICS__PORT=$(free_port)
-export AGENT_LOG__LEVEL=warn
+agent_env "$backend"
 tck=$(getconf CLK_TCK)
 
 start_agent() { # $1 = true|false (metrics)
@@ -74,10 +55,7 @@ rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 # Context switches of every thread of the agent (voluntary + involuntary).
 ctx_switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { n += $2 } END { print n + 0 }'; }
 
-echo "preloading $keys keys ($backend backend)"
-start_agent false
-"$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" --messages 1 --keys "$keys" --preload >/dev/null
-stop_agent
+preload "$keys"
 
 results=$work/results
 : >"$results"
@@ -121,8 +99,4 @@ awk '
     printf "median context switches per message off: %.3f\n", median(soff, n)
     printf "median throughput ratio (on/off): %.4f\n", median(tr, n)
     printf "median cpu-per-message ratio (on/off): %.4f\n", median(cr, n)
-  }
-  function median(a, n,   i, j, t) {
-    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
-    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-  }' "$results"
+  }'"$AWK_MEDIAN" "$results"

@@ -14,25 +14,22 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
-cargo build --release --quiet --bin agent --example loadgen
-work=$(mktemp -d)
 . benches/common.sh
-peer_port=$(free_port)
-AGENT_STORAGE__BACKEND=$backend AGENT_STORAGE__LOCAL__PATH=$work/agent.db \
-AGENT_NETWORK__LISTEN=127.0.0.1:$peer_port AGENT_METRICS__ADDRESS=127.0.0.1 \
-AGENT_METRICS__PORT=$(free_port) AGENT_LOG__LEVEL=warn \
-  target/release/agent >"$work/agent.log" 2>&1 &
+build_release
+scratch
+agent_env "$backend"
+"$agent_bin" >"$work/agent.log" 2>&1 &
 agent_pid=$!
-load_pid=
-trap 'kill $agent_pid ${load_pid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
+pids+=("$agent_pid")
 wait_port "$peer_port"
 
 ( end=$((SECONDS + seconds))
   while [ $SECONDS -lt $end ]; do
-    target/release/examples/loadgen --addr "127.0.0.1:$peer_port" --peers 8 --messages 200000 \
+    "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers 8 --messages 200000 \
       --mix get=90,put=10,delete=0 >/dev/null || exit 1
   done ) &
 load_pid=$!
+pids+=("$load_pid")
 echo "elapsed_s rss_kib"
 start=$SECONDS
 while kill -0 "$load_pid" 2>/dev/null; do
