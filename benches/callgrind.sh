@@ -18,22 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 backend=local rounds=3 messages=50000 peers=16 mix="get=90,put=10,delete=0" keys=10000
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --backend) backend=$2; shift 2 ;;
-    --rounds) rounds=$2; shift 2 ;;
-    --messages) messages=$2; shift 2 ;;
-    --peers) peers=$2; shift 2 ;;
-    --mix) mix=$2; shift 2 ;;
-    --keys) keys=$2; shift 2 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-done
+. benches/common.sh
+parse_load_args "$@"
 for tool in valgrind callgrind_control callgrind_annotate python3; do
   command -v "$tool" >/dev/null || { echo "$tool is required (Debian: apt-get install valgrind python3)" >&2; exit 1; }
 done
 
-. benches/common.sh
 build_release
 out_dir=target/callgrind/$backend-${mix//[=,]/-}
 mkdir -p "$out_dir"

@@ -1,5 +1,21 @@
 # Shared by the benchmark scripts (sourced, not run).
 
+# Reads the options the on/off scripts share into backend, rounds, messages,
+# peers, mix and keys; the caller sets their defaults first.
+parse_load_args() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --backend) backend=$2; shift 2 ;;
+      --rounds) rounds=$2; shift 2 ;;
+      --messages) messages=$2; shift 2 ;;
+      --peers) peers=$2; shift 2 ;;
+      --mix) mix=$2; shift 2 ;;
+      --keys) keys=$2; shift 2 ;;
+      *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+  done
+}
+
 # A loopback port that was free a moment ago.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
