@@ -3,23 +3,37 @@
 # under valgrind's callgrind with metrics enabled and disabled, alternately,
 # drives the same load through it with the load generator, and reports the
 # agent's instructions per message, how many of them run in metrics code
-# (the `metrics` facade, the exporter, metrics-util, crossbeam-epoch under
-# its histograms, quanta, hyper and our telemetry module), and the median
+# (the `metrics` facade, the exporter, metrics-util, crossbeam, quanta, the
+# rdtsc instruction, hyper and our telemetry module), and the median
 # ratios. Instruction counts do not depend on what else the machine is doing,
 # so this resolves differences far below the ±10% noise of wall-clock runs.
 #
 #   benches/callgrind.sh [--backend local|redis] [--rounds 3] [--messages 50000]
 #                        [--peers 16] [--mix get=90,put=10,delete=0] [--keys 10000]
+#                        [--max-ratio R]
+#
+# With --max-ratio it is a regression gate: it exits 1 when the median
+# instructions-per-message ratio (on/off) exceeds R. CI runs it on local
+# gets with R = 1.03 (.ci/run).
 #
 # Only the load is counted: callgrind's instrumentation is switched on after
-# a warm-up of 2,000 messages and off before the agent stops. Profiles are
+# a warm-up of 2,000 messages and after the load's connections are open, and
+# off before the agent stops. Profiles are
 # kept in target/callgrind/<backend>-<mix>/ for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 backend=local rounds=3 messages=50000 peers=16 mix="get=90,put=10,delete=0" keys=10000
+max_ratio=
 . benches/common.sh
-parse_load_args "$@"
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --max-ratio) max_ratio=$2; shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+parse_load_args ${args[@]+"${args[@]}"}
 for tool in valgrind callgrind_control callgrind_annotate python3; do
   command -v "$tool" >/dev/null || { echo "$tool is required (Debian: apt-get install valgrind python3)" >&2; exit 1; }
 done
@@ -47,17 +61,28 @@ for round in $(seq 1 "$rounds"); do
     pids+=("$agent_pid")
     wait_port "$peer_port"
     load --messages 2000 --mix "$mix" >/dev/null
+    # Connections are opened (and pinged) before counting starts: their
+    # setup is per connection, not per message.
+    rm -f "$work/connected" "$work/go"
+    load --messages "$messages" --mix "$mix" --connected-file "$work/connected" --go-file "$work/go" >"$work/load.out" &
+    load_pid=$!
+    until [ -e "$work/connected" ]; do
+      kill -0 "$load_pid" 2>/dev/null || { echo "load generator failed" >&2; exit 1; }
+      sleep 0.05
+    done
     callgrind_control -i on "$agent_pid" >/dev/null 2>&1
-    n=$(load --messages "$messages" --mix "$mix" | sed -nE 's/^RESULT messages=([0-9]+).*/\1/p')
+    touch "$work/go"
+    wait "$load_pid"
     callgrind_control -i off "$agent_pid" >/dev/null 2>&1
+    n=$(sed -nE 's/^RESULT messages=([0-9]+).*/\1/p' "$work/load.out")
     kill -TERM "$agent_pid"; wait "$agent_pid" || true
     python3 - "$profile" "$n" "$round" "$on" >>"$results" <<'PY'
 import re, subprocess, sys
 path, n, round_, on = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 # A line of callgrind_annotate is metrics code when its source file or the
 # function it was inlined into belongs to the metrics stack.
-metrics = re.compile(r'/metrics-0\.|/metrics-util-|/metrics-exporter-|/metrics-process-|/quanta-|/crossbeam-epoch-|/hyper-|/procfs|src/telemetry/'
-                     r'|[ :<]metrics::|metrics_util::|metrics_exporter_|metrics_process::|quanta::|crossbeam_epoch::|hyper::|agent::telemetry::')
+metrics = re.compile(r'/metrics-0\.|/metrics-util-|/metrics-exporter-|/metrics-process-|/quanta-|/crossbeam-epoch-|/crossbeam-utils-|/hyper-|/procfs|src/telemetry/|/x86/rdtsc\.rs'
+                     r'|[ :<]metrics::|metrics_util::|metrics_exporter_|metrics_process::|quanta::|crossbeam_epoch::|crossbeam_utils::|hyper::|agent::telemetry::')
 out = subprocess.run(['callgrind_annotate', '--auto=no', '--threshold=100', path],
                      capture_output=True, text=True, check=True).stdout
 total = in_metrics = 0
@@ -74,7 +99,7 @@ PY
   done
 done
 
-awk '
+ratio=$(awk '
   { if ($2 == "true") { on[$1] = $3; on_m[$1] = $4 } else { off[$1] = $3; off_m[$1] = $4 } }
   END {
     n = 0
@@ -84,4 +109,11 @@ awk '
     printf "median metrics-code instructions per message, on minus off: %.0f\n", median(d, n)
     printf "median share of metrics code with metrics on: %.2f%%\n", median(s, n)
     printf "median instructions-per-message ratio (on/off): %.4f\n", median(r, n)
-  }'"$AWK_MEDIAN" "$results"
+  }'"$AWK_MEDIAN" "$results" | tee /dev/stderr | sed -nE 's/^median instructions-per-message ratio \(on\/off\): //p')
+if [ -n "$max_ratio" ]; then
+  if awk -v r="$ratio" -v m="$max_ratio" 'BEGIN { exit !(r > m) }'; then
+    echo "FAIL: metrics on/off is $ratio instructions per message, above the limit $max_ratio" >&2
+    exit 1
+  fi
+  echo "ok: metrics on/off is $ratio instructions per message, within the limit $max_ratio"
+fi

@@ -37,10 +37,12 @@ scratch() {
   trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 }
 
-# Builds the release agent and the load generator; sets agent_bin and loadgen_bin.
+# Builds the release agent and the load generator; sets agent_bin and
+# loadgen_bin. BENCH_AGENT_BIN, when set, names another agent binary to measure
+# (an earlier build, for before/after figures from one run).
 build_release() {
   cargo build --release --quiet --bin agent --example loadgen
-  agent_bin=target/release/agent
+  agent_bin=${BENCH_AGENT_BIN:-target/release/agent}
   loadgen_bin=target/release/examples/loadgen
 }
 

@@ -1,11 +1,15 @@
 //! What metrics cost the agent, measured against the same work without them.
 //!
-//! Every "metrics_on" case binds its handles to a real Prometheus recorder
-//! (configured exactly as the agent configures it); every "metrics_off" case
-//! binds them to no recorder, which is what `metrics.enabled: false` gives.
-//! Both run in the same process and the same run, so their ratio is fair.
-//! Histogram upkeep (draining samples into buckets) runs inside the timed
-//! loop at the agent's cadence, so its cost is included, as in production.
+//! Every "metrics_on" case binds its handles to the agent's own
+//! `ShardedRecorder`, exactly as `metrics.exporter: prometheus` installs it;
+//! every "metrics_off" case binds them to no recorder and no clock, which is
+//! what `metrics.enabled: false` gives. Both run in the same process and the
+//! same run, so their ratio is fair.
+//!
+//! The `recorder/*` groups compare the candidates behind the same facade
+//! calls: the sharded recorder, and `metrics-exporter-prometheus`'s own
+//! recorder (with its histogram upkeep inside the timed loop, as it would
+//! run in production).
 //!
 //! Run: `cargo bench --bench overhead` (figures in docs/performance.md).
 
@@ -14,33 +18,38 @@ use std::time::{Duration, Instant};
 
 use agent::handler::Handler;
 use agent::storage::{Instrumented, LocalStore, Storage};
-use agent::telemetry::{self, MessageMetrics, StorageOpMetrics};
+use agent::telemetry::{
+    self, clock, Exposition, MessageMetrics, ShardedRecorder, StorageOpMetrics,
+};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use metrics_exporter_prometheus::{PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Upkeep every this many operations: more often than the agent's upkeep
-/// (every 250 ms) at any realistic rate, so the cost is if anything overstated.
+/// Upkeep of the exporter's recorder every this many operations: more often
+/// than an agent would at any realistic rate, so its cost is if anything
+/// overstated.
 const UPKEEP_EVERY: u64 = 16 * 1024;
 
 struct Setup {
-    recorder: PrometheusRecorder,
-    handle: PrometheusHandle,
+    recorder: ShardedRecorder,
 }
 
 impl Setup {
     fn new() -> Self {
-        let recorder = telemetry::prometheus_recorder();
-        let handle = recorder.handle();
-        Self { recorder, handle }
+        Self {
+            recorder: ShardedRecorder::new(),
+        }
     }
 
-    /// Builds `f`'s metric handles against the Prometheus recorder (on) or
-    /// against none (off).
+    /// Builds `f`'s metric handles against the sharded recorder with the
+    /// clock (on) or against none and without the clock (off).
     fn with<T>(&self, on: bool, f: impl FnOnce() -> T) -> T {
         if on {
             metrics::with_local_recorder(&self.recorder, f)
         } else {
-            f()
+            clock::set_timing(false);
+            let t = f();
+            clock::set_timing(true);
+            t
         }
     }
 }
@@ -79,21 +88,9 @@ fn storage_ops(c: &mut Criterion) {
                     .expect("put");
             }
         });
-        let handle = setup.handle.clone();
         group.bench_function(BenchmarkId::new("get", mode(on)), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let (store, handle) = (&store, &handle);
-                async move {
-                    let start = Instant::now();
-                    for i in 0..iters {
-                        black_box(store.get("key500").await.expect("get"));
-                        if i % UPKEEP_EVERY == 0 {
-                            handle.run_upkeep();
-                        }
-                    }
-                    start.elapsed()
-                }
-            })
+            b.to_async(&rt)
+                .iter(|| async { black_box(store.get("key500").await.expect("get")) })
         });
         // Writes commit durably (fsync): milliseconds, so fewer samples.
         group
@@ -138,20 +135,16 @@ fn message_path(c: &mut Criterion) {
             ("get", &br#"{"id":17,"op":"get","key":"key500"}"#[..]),
             ("ping", &br#"{"id":17,"op":"ping"}"#[..]),
         ] {
-            let handle = setup.handle.clone();
             group.bench_function(BenchmarkId::new(name, mode(on)), |b| {
                 b.to_async(&rt).iter_custom(|iters| {
-                    let (handler, handle) = (&handler, &handle);
+                    let handler = &handler;
                     async move {
                         let mut out = Vec::with_capacity(256);
                         let start = Instant::now();
-                        for i in 0..iters {
+                        for _ in 0..iters {
                             out.clear();
                             handler.handle(line, &mut out).await;
                             black_box(&out);
-                            if i % UPKEEP_EVERY == 0 {
-                                handle.run_upkeep();
-                            }
                         }
                         start.elapsed()
                     }
@@ -163,50 +156,79 @@ fn message_path(c: &mut Criterion) {
     group.finish();
 }
 
-/// (c) The instrumentation alone, exactly as the handler and the storage
-/// wrapper record it, with the Prometheus recorder.
+/// The exporter's own recorder, configured with the agent's buckets: the
+/// candidate the sharded recorder replaced.
+fn exporter_recorder() -> (
+    metrics_exporter_prometheus::PrometheusRecorder,
+    PrometheusHandle,
+) {
+    let mut builder = PrometheusBuilder::new();
+    for def in telemetry::METRICS {
+        if let Some(buckets) = def.buckets {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(def.name.to_string()), buckets)
+                .expect("buckets");
+        }
+    }
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    (recorder, handle)
+}
+
+/// The metric work of one message, exactly as the handler and the storage
+/// wrapper do it: two clock reads each, a counter and a histogram each.
+fn message_metric_work(msg: &MessageMetrics, op: &StorageOpMetrics) {
+    let t = msg.duration.start();
+    msg.received.increment(1);
+    let s = op.duration.start();
+    op.duration.record_since(black_box(s));
+    op.operations.increment(1);
+    msg.duration.record_since(black_box(t));
+}
+
+/// (c) The instrumentation alone, and the recorder candidates behind it.
 fn instrumentation(c: &mut Criterion) {
     let setup = Setup::new();
-    let msg = setup.with(true, MessageMetrics::new);
-    let op = setup.with(true, || StorageOpMetrics::new("get", "local"));
-    let handle = setup.handle.clone();
+    let (exporter, exporter_handle) = exporter_recorder();
     let mut group = c.benchmark_group("instrumentation");
-    let timed = |b: &mut criterion::Bencher, body: &dyn Fn()| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for i in 0..iters {
-                body();
-                if i % UPKEEP_EVERY == 0 {
-                    handle.run_upkeep();
+    for (name, on) in [("metrics_off", false), ("sharded", true)] {
+        let msg = setup.with(on, MessageMetrics::new);
+        let op = setup.with(on, || StorageOpMetrics::new("get", "local"));
+        group.bench_function(BenchmarkId::new("per_message_with_storage_op", name), |b| {
+            b.iter(|| message_metric_work(&msg, &op))
+        });
+    }
+    let msg = metrics::with_local_recorder(&exporter, MessageMetrics::new);
+    let op = metrics::with_local_recorder(&exporter, || StorageOpMetrics::new("get", "local"));
+    group.bench_function(
+        BenchmarkId::new("per_message_with_storage_op", "exporter_prometheus"),
+        |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for i in 0..iters {
+                    message_metric_work(&msg, &op);
+                    if i % UPKEEP_EVERY == 0 {
+                        exporter_handle.run_upkeep();
+                    }
                 }
-            }
-            start.elapsed()
-        })
-    };
-    let per_message = || {
-        let t = quanta::Instant::now();
-        msg.received.increment(1);
-        msg.duration.record(black_box(t).elapsed());
-    };
-    let per_storage_op = || {
-        let t = quanta::Instant::now();
-        op.duration.record(black_box(t).elapsed());
-        op.operations.increment(1);
-    };
-    group.bench_function("per_message", |b| timed(b, &per_message));
-    group.bench_function("per_storage_op", |b| timed(b, &per_storage_op));
-    group.bench_function("per_message_with_storage_op", |b| {
-        timed(b, &|| {
-            per_message();
-            per_storage_op();
-        })
-    });
+                start.elapsed()
+            })
+        },
+    );
     // The primitives, for reading the above.
+    let msg = setup.with(true, MessageMetrics::new);
     group.bench_function("counter_increment", |b| {
         b.iter(|| msg.received.increment(1))
     });
+    let histogram = metrics::with_local_recorder(&setup.recorder, || {
+        metrics::histogram!(telemetry::defs::MESSAGE_PROCESSING_DURATION_SECONDS)
+    });
     group.bench_function("histogram_record", |b| {
-        timed(b, &|| msg.duration.record(black_box(0.000_1)))
+        b.iter(|| histogram.record(black_box(0.000_1)))
+    });
+    let timer = clock::Timer::if_enabled().expect("timing on");
+    group.bench_function("raw_clock_seconds_since", |b| {
+        b.iter(|| timer.seconds_since(black_box(timer.now())))
     });
     group.bench_function("quanta_now_elapsed", |b| {
         b.iter(|| black_box(quanta::Instant::now()).elapsed())
@@ -225,7 +247,56 @@ fn instrumentation(c: &mut Criterion) {
     group.finish();
 }
 
-/// (d) Rendering the agent's whole metric set, every series populated.
+/// A counter plus a histogram on the same series from one thread, then from
+/// two at once: with per-thread shards the time per record should not rise.
+/// Each thread records `iters` times, so the two-thread figure is the wall
+/// time per record on each thread.
+fn contention(c: &mut Criterion) {
+    let sharded = ShardedRecorder::new();
+    let (exporter, exporter_handle) = exporter_recorder();
+    let mut group = c.benchmark_group("contention");
+    let candidates: [(&str, &dyn metrics::Recorder); 2] =
+        [("sharded", &sharded), ("exporter_prometheus", &exporter)];
+    for (name, recorder) in candidates {
+        let (counter, histogram) = metrics::with_local_recorder(recorder, || {
+            (
+                metrics::counter!(telemetry::defs::MESSAGES_RECEIVED_TOTAL),
+                metrics::histogram!(telemetry::defs::MESSAGE_PROCESSING_DURATION_SECONDS),
+            )
+        });
+        let upkeep = name == "exporter_prometheus";
+        let work = |iters: u64| {
+            for i in 0..iters {
+                counter.increment(1);
+                histogram.record(black_box(0.000_3));
+                if upkeep && i % UPKEEP_EVERY == 0 {
+                    exporter_handle.run_upkeep();
+                }
+            }
+        };
+        for threads in [1, 2] {
+            group.bench_function(BenchmarkId::new(name, format!("{threads}_threads")), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    std::thread::scope(|s| {
+                        for _ in 0..threads {
+                            s.spawn(|| {
+                                // As the agent's runtime threads do.
+                                telemetry::register_thread();
+                                work(iters)
+                            });
+                        }
+                    });
+                    start.elapsed()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+/// (d) Rendering the agent's whole metric set, every series populated,
+/// with the process set read from /proc as at a scrape.
 fn render(c: &mut Criterion) {
     let setup = Setup::new();
     setup.with(true, || {
@@ -233,7 +304,7 @@ fn render(c: &mut Criterion) {
         telemetry::defs::record_build_info();
         let msg = MessageMetrics::new();
         msg.received.increment(1);
-        msg.duration.record(0.001);
+        msg.duration.record_since(msg.duration.start());
         for reason in agent::protocol::FailReason::ALL {
             msg.failed(reason).increment(1);
         }
@@ -241,18 +312,26 @@ fn render(c: &mut Criterion) {
         for op in ["get", "put", "delete"] {
             let m = StorageOpMetrics::new(op, "local");
             m.operations.increment(1);
-            m.duration.record(0.000_2);
+            m.duration.record_since(m.duration.start());
         }
         let peers = telemetry::PeerMetrics::new();
         peers.connected.set(3.0);
-        let mut sampler = telemetry::process::ProcessSampler::new();
-        sampler.sample();
     });
-    let handle = setup.handle.clone();
+    let exposition = Exposition {
+        recorder: setup.recorder.clone(),
+        process: telemetry::ProcessCollector::new(Duration::from_secs(5)),
+    };
     c.bench_function("render/full_metric_set", |b| {
-        b.iter(|| black_box(handle.render()))
+        b.iter(|| black_box(exposition.render()))
     });
 }
 
-criterion_group!(benches, instrumentation, render, message_path, storage_ops);
+criterion_group!(
+    benches,
+    instrumentation,
+    contention,
+    render,
+    message_path,
+    storage_ops
+);
 criterion_main!(benches);

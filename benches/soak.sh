@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sustained load with metrics on: the agent's RSS must stay flat (histogram
-# samples are drained by the exporter's upkeep, not accumulated).
+# Sustained load with metrics on: the agent's RSS must stay flat (histograms
+# are fixed arrays of bucket counts; nothing is kept per sample).
 #
 #   benches/soak.sh [--seconds 300] [--interval 10] [--backend local]
 set -euo pipefail

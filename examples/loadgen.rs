@@ -11,13 +11,21 @@
 //! it includes queueing, as a real peer would see it. `--preload` first puts
 //! every key once so that gets hit. Output is one line per figure, plus a
 //! final `RESULT` line that scripts parse.
+//!
+//! `--connected-file F --go-file G`: once every peer is connected and has
+//! had a ping answered, create F, then wait until G exists before sending
+//! the load. benches/callgrind.sh counts instructions between the two, so
+//! connection setup (per connection, not per message) stays out of the
+//! per-message figure.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Semaphore};
 
@@ -31,6 +39,8 @@ struct Args {
     depth: usize,
     value_bytes: usize,
     preload: bool,
+    connected_file: Option<PathBuf>,
+    go_file: Option<PathBuf>,
 }
 
 /// Percentages of get, put and delete.
@@ -44,7 +54,8 @@ struct Mix {
 fn usage() -> ! {
     eprintln!(
         "usage: loadgen --addr HOST:PORT [--peers 16] [--messages 200000] \
-         [--mix get=75,put=20,delete=5] [--keys 10000] [--depth 64] [--value-bytes 32] [--preload]"
+         [--mix get=75,put=20,delete=5] [--keys 10000] [--depth 64] [--value-bytes 32] [--preload] \
+         [--connected-file PATH --go-file PATH]"
     );
     std::process::exit(2);
 }
@@ -63,6 +74,8 @@ fn parse_args() -> Args {
         depth: 64,
         value_bytes: 32,
         preload: false,
+        connected_file: None,
+        go_file: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,10 +92,16 @@ fn parse_args() -> Args {
             "--depth" => args.depth = value.parse().unwrap_or_else(|_| usage()),
             "--value-bytes" => args.value_bytes = value.parse().unwrap_or_else(|_| usage()),
             "--mix" => args.mix = parse_mix(&value).unwrap_or_else(|| usage()),
+            "--connected-file" => args.connected_file = Some(value.into()),
+            "--go-file" => args.go_file = Some(value.into()),
             _ => usage(),
         }
     }
-    if args.peers == 0 || args.depth == 0 || args.keys == 0 {
+    if args.peers == 0
+        || args.depth == 0
+        || args.keys == 0
+        || args.connected_file.is_some() != args.go_file.is_some()
+    {
         usage();
     }
     args
@@ -145,16 +164,28 @@ struct PeerResult {
     errors: u64,
 }
 
+/// A connected peer whose first ping has been answered, so the agent has
+/// set up its side of the connection.
+async fn connect(args: &Args) -> std::io::Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf)> {
+    let stream = TcpStream::connect(args.addr).await?;
+    stream.set_nodelay(true)?;
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    w.write_all(b"{\"op\":\"ping\"}\n").await?;
+    let mut line = String::new();
+    if reader.read_line(&mut line).await? == 0 {
+        return Err(std::io::Error::other("agent closed the connection"));
+    }
+    Ok((reader, w))
+}
+
 async fn run_peer(
     peer: usize,
     count: usize,
     args: Arc<Args>,
     preload: bool,
+    (mut reader, w): (BufReader<OwnedReadHalf>, OwnedWriteHalf),
 ) -> std::io::Result<PeerResult> {
-    let stream = TcpStream::connect(args.addr).await?;
-    stream.set_nodelay(true)?;
-    let (r, w) = stream.into_split();
-    let mut reader = BufReader::new(r);
     let mut writer = BufWriter::new(w);
     let window = Arc::new(Semaphore::new(args.depth));
     let sent_at: Arc<Mutex<VecDeque<Instant>>> =
@@ -222,9 +253,21 @@ async fn run_phase(
     preload: bool,
 ) -> std::io::Result<(Duration, PeerResult)> {
     let per_peer = total.div_ceil(args.peers);
+    let mut connections = Vec::with_capacity(args.peers);
+    for _ in 0..args.peers {
+        connections.push(connect(args).await?);
+    }
+    if let (Some(connected), Some(go), false) = (&args.connected_file, &args.go_file, preload) {
+        std::fs::write(connected, b"")?;
+        while !go.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     let start = Instant::now();
-    let tasks: Vec<_> = (0..args.peers)
-        .map(|p| tokio::spawn(run_peer(p, per_peer, Arc::clone(args), preload)))
+    let tasks: Vec<_> = connections
+        .into_iter()
+        .enumerate()
+        .map(|(p, c)| tokio::spawn(run_peer(p, per_peer, Arc::clone(args), preload, c)))
         .collect();
     let mut all = PeerResult::default();
     for t in tasks {

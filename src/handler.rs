@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 
 use crate::protocol::{self, FailReason, Failure, Outcome, Request};
 use crate::storage::Storage;
-use crate::telemetry::MessageMetrics;
+use crate::telemetry::{MessageMetrics, Start};
 
 /// Message handling shared by every connection.
 pub struct Handler<S> {
@@ -29,7 +29,7 @@ impl<S: Storage> Handler<S> {
 
     /// Handles one complete line and appends its reply to `out`.
     pub async fn handle(&self, line: &[u8], out: &mut Vec<u8>) {
-        let start = quanta::Instant::now();
+        let start = self.metrics.duration.start();
         self.metrics.received.increment(1);
         let (id, request) = protocol::decode(line);
         let outcome = match request {
@@ -42,7 +42,7 @@ impl<S: Storage> Handler<S> {
     /// Appends the reply for a line longer than the limit, which is counted
     /// like any other failed message.
     pub fn too_large(&self, limit: usize, out: &mut Vec<u8>) {
-        let start = quanta::Instant::now();
+        let start = self.metrics.duration.start();
         self.metrics.received.increment(1);
         let failure = Failure::new(
             FailReason::TooLarge,
@@ -54,18 +54,12 @@ impl<S: Storage> Handler<S> {
     }
 
     /// Counts a failure, encodes the reply and records the message's duration.
-    fn reply(
-        &self,
-        start: quanta::Instant,
-        id: Option<&RawValue>,
-        outcome: &Outcome,
-        out: &mut Vec<u8>,
-    ) {
+    fn reply(&self, start: Start, id: Option<&RawValue>, outcome: &Outcome, out: &mut Vec<u8>) {
         if let Outcome::Failed(f) = outcome {
             self.metrics.failed(f.reason).increment(1);
         }
         protocol::encode(out, id, outcome);
-        self.metrics.duration.record(start.elapsed());
+        self.metrics.duration.record_since(start);
     }
 
     async fn execute(&self, request: Request) -> Outcome {

@@ -37,9 +37,9 @@ async fn measured<T>(
     m: &StorageOpMetrics,
     op: impl Future<Output = Result<T, StorageError>>,
 ) -> Result<T, StorageError> {
-    let start = quanta::Instant::now();
+    let start = m.duration.start();
     let result = op.await;
-    m.duration.record(start.elapsed());
+    m.duration.record_since(start);
     m.operations.increment(1);
     if result.is_err() {
         m.errors.increment(1);

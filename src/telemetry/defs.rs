@@ -6,8 +6,9 @@
 //! The names, types and labels are a contract with operators' dashboards
 //! and alerts: never rename them.
 
-use metrics::{Counter, Gauge, Histogram, KeyName, SharedString, Unit};
+use metrics::{Counter, Gauge, KeyName, SharedString, Unit};
 
+use super::clock::DurationHistogram;
 use crate::protocol::FailReason;
 
 pub const PROCESS_CPU_USAGE: &str = "process_cpu_usage";
@@ -189,7 +190,7 @@ pub const METRICS: &[MetricDef] = &[
         "process_cpu_seconds_total",
         Kind::Counter,
         Some(Unit::Seconds),
-        "Total user and system CPU time spent in seconds (whole seconds).",
+        "Total user and system CPU time spent in seconds.",
     ),
     process(
         "process_resident_memory_bytes",
@@ -256,7 +257,7 @@ pub fn describe_all() {
 #[derive(Clone)]
 pub struct MessageMetrics {
     pub received: Counter,
-    pub duration: Histogram,
+    pub duration: DurationHistogram,
     failed: [Counter; FailReason::ALL.len()],
 }
 
@@ -265,7 +266,9 @@ impl MessageMetrics {
     pub fn new() -> Self {
         Self {
             received: metrics::counter!(MESSAGES_RECEIVED_TOTAL),
-            duration: metrics::histogram!(MESSAGE_PROCESSING_DURATION_SECONDS),
+            duration: DurationHistogram::new(metrics::histogram!(
+                MESSAGE_PROCESSING_DURATION_SECONDS
+            )),
             failed: FailReason::ALL
                 .map(|r| metrics::counter!(MESSAGES_FAILED_TOTAL, "reason" => r.as_str())),
         }
@@ -287,7 +290,7 @@ impl Default for MessageMetrics {
 pub struct StorageOpMetrics {
     pub operations: Counter,
     pub errors: Counter,
-    pub duration: Histogram,
+    pub duration: DurationHistogram,
 }
 
 impl StorageOpMetrics {
@@ -296,7 +299,10 @@ impl StorageOpMetrics {
         Self {
             operations: metrics::counter!(STORAGE_OPERATIONS_TOTAL, &labels),
             errors: metrics::counter!(STORAGE_OPERATION_ERRORS_TOTAL, &labels),
-            duration: metrics::histogram!(STORAGE_OPERATION_DURATION_SECONDS, &labels),
+            duration: DurationHistogram::new(metrics::histogram!(
+                STORAGE_OPERATION_DURATION_SECONDS,
+                &labels
+            )),
         }
     }
 }
@@ -350,6 +356,8 @@ mod tests {
             }
         }
         assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        // What the sharded recorder accepts (it asserts the same).
+        assert!(LATENCY_BUCKETS.len() <= crate::telemetry::recorder::MAX_BOUNDS);
         assert!(LATENCY_BUCKETS[0] <= 0.000_05, "must resolve local reads");
         assert!(
             *LATENCY_BUCKETS.last().unwrap() >= 5.0,

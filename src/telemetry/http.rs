@@ -3,7 +3,7 @@
 //! The exporter's built-in listener has no header-read timeout and no
 //! connection cap, so a few thousand half-open connections would hold the
 //! agent's file descriptors until peers could no longer connect, and it
-//! answers every path. This server serves the same `PrometheusHandle` with
+//! answers every path. This server serves the agent's exposition with
 //! those limits, `metrics.path` for metrics, `/health`, and 404 elsewhere.
 //! When the connection cap is reached the oldest connection that has not
 //! completed a request is evicted, so idle connections cannot lock out a
@@ -23,9 +23,9 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
+use super::Exposition;
 use crate::server::accept;
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +43,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// What the endpoint serves and to whom.
 pub struct Endpoint {
-    pub handle: PrometheusHandle,
+    pub exposition: Exposition,
     pub path: String,
     pub allowed_networks: Vec<IpNet>,
     pub max_connections: usize,
@@ -68,7 +68,7 @@ impl Endpoint {
         }
         match req.uri().path() {
             p if p == self.path => {
-                let mut resp = Response::new(Full::new(Bytes::from(self.handle.render())));
+                let mut resp = Response::new(Full::new(Bytes::from(self.exposition.render())));
                 resp.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_CONTENT_TYPE));
                 resp

@@ -2,33 +2,27 @@
 //! process sampler.
 //!
 //! Call sites only use the `metrics` facade (through the handle structs in
-//! [`defs`]); which exporter receives the values is decided here, once, at
-//! startup.
+//! [`defs`]); which recorder receives the values is decided here, once, at
+//! startup: our [`ShardedRecorder`] for Prometheus, `metrics-exporter-dogstatsd`
+//! for DogStatsD, or the no-op recorder.
 
+pub mod clock;
 pub mod defs;
 pub mod http;
 pub mod process;
+pub mod recorder;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ExporterKind, MetricsConfig, Resolved};
 
+pub use clock::{DurationHistogram, Start};
 pub use defs::{MessageMetrics, PeerMetrics, StorageOpMetrics, METRICS};
-
-/// How often histogram samples are drained into their buckets, so memory
-/// stays flat however many messages are recorded between scrapes. The
-/// exporter keeps every sample (24 bytes) until it is drained: at 370,000
-/// messages a second (two samples each) a 5 s interval held ~32 MiB of
-/// samples and took 8 page faults per 1,000 messages; 250 ms holds ~4 MiB
-/// and costs four wake-ups a second when idle (docs/performance.md).
-pub const UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
+pub use process::ProcessCollector;
+pub use recorder::{register_thread, ShardedRecorder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -44,26 +38,30 @@ pub enum TelemetryError {
 /// The installed exporter, and what it still needs to run.
 pub enum Installed {
     Prometheus {
-        handle: PrometheusHandle,
+        recorder: ShardedRecorder,
         listener: TcpListener,
     },
     Dogstatsd,
     Disabled,
 }
 
-/// A Prometheus recorder configured with every histogram's buckets.
-/// Exposed so benchmarks and tests render exactly what the agent renders.
-pub fn prometheus_recorder() -> PrometheusRecorder {
-    let mut builder = PrometheusBuilder::new();
-    for def in METRICS {
-        if let Some(buckets) = def.buckets {
-            // Only errors on empty buckets, which the definitions never have.
-            builder = builder
-                .set_buckets_for_metric(Matcher::Full(def.name.to_string()), buckets)
-                .unwrap_or_else(|_| unreachable!("{} has empty buckets", def.name));
-        }
+/// What `/metrics` serves: the recorder's series, and the process set read
+/// at the moment of the scrape.
+pub struct Exposition {
+    /// The installed recorder (a handle on the same series).
+    pub recorder: ShardedRecorder,
+    /// Reads `/proc` for the process families.
+    pub process: ProcessCollector,
+}
+
+impl Exposition {
+    /// The whole page, in the Prometheus text format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        self.recorder.render_into(&mut out);
+        self.process.render_into(&mut out);
+        out
     }
-    builder.build_recorder()
 }
 
 /// Installs the configured exporter as the global recorder and describes
@@ -74,6 +72,7 @@ pub async fn install(
     resolved: &Resolved,
 ) -> Result<Installed, TelemetryError> {
     if !cfg.enabled {
+        clock::set_timing(false);
         let _ = metrics::set_global_recorder(metrics::NoopRecorder);
         tracing::info!("Metrics endpoint disabled");
         return Ok(Installed::Disabled);
@@ -84,11 +83,10 @@ pub async fn install(
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| TelemetryError::Bind { addr, source })?;
-            let recorder = prometheus_recorder();
-            let handle = recorder.handle();
-            metrics::set_global_recorder(recorder)
+            let recorder = ShardedRecorder::new();
+            metrics::set_global_recorder(recorder.clone())
                 .map_err(|e| TelemetryError::Install(e.to_string()))?;
-            Installed::Prometheus { handle, listener }
+            Installed::Prometheus { recorder, listener }
         }
         ExporterKind::Dogstatsd => {
             metrics_exporter_dogstatsd::DogStatsDBuilder::default()
@@ -104,46 +102,37 @@ pub async fn install(
 }
 
 /// Starts the background work of an installed exporter: the HTTP endpoint
-/// and histogram upkeep for Prometheus, the process sampler for any enabled
-/// exporter.
+/// for Prometheus (process metrics are read at each scrape), the process
+/// sampler for DogStatsD.
 pub fn spawn(
     installed: Installed,
     cfg: &MetricsConfig,
     resolved: &Resolved,
     cancel: &CancellationToken,
 ) {
-    if matches!(installed, Installed::Disabled) {
-        return;
-    }
-    // Sample before returning, so the first scrape already sees process metrics.
-    let mut sampler = process::ProcessSampler::new();
-    sampler.sample();
-    tokio::spawn(sampler.run(cfg.process_interval, cancel.clone()));
-    if let Installed::Prometheus { handle, listener } = installed {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, path = %cfg.path, "metrics endpoint listening");
-        }
-        let upkeep = handle.clone();
-        let upkeep_cancel = cancel.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
-            // A busy runtime that misses ticks should not then drain in a burst.
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = upkeep_cancel.cancelled() => return,
-                    _ = ticker.tick() => upkeep.run_upkeep(),
-                }
+    match installed {
+        Installed::Disabled => {}
+        Installed::Prometheus { recorder, listener } => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, path = %cfg.path, "metrics endpoint listening");
             }
-        });
-        let endpoint = http::Endpoint {
-            handle,
-            path: cfg.path.clone(),
-            allowed_networks: resolved.allowed_networks.clone(),
-            max_connections: cfg.max_connections,
-        };
-        tokio::spawn(http::serve(listener, endpoint, cancel.clone()));
-    } else {
-        tracing::info!(address = %cfg.dogstatsd.address, "sending metrics to DogStatsD");
+            let endpoint = http::Endpoint {
+                exposition: Exposition {
+                    recorder,
+                    process: ProcessCollector::new(cfg.process_interval),
+                },
+                path: cfg.path.clone(),
+                allowed_networks: resolved.allowed_networks.clone(),
+                max_connections: cfg.max_connections,
+            };
+            tokio::spawn(http::serve(listener, endpoint, cancel.clone()));
+        }
+        Installed::Dogstatsd => {
+            // Sample before returning, so the first push already has process metrics.
+            let mut sampler = process::ProcessSampler::new();
+            sampler.sample();
+            tokio::spawn(sampler.run(cfg.process_interval, cancel.clone()));
+            tracing::info!(address = %cfg.dogstatsd.address, "sending metrics to DogStatsD");
+        }
     }
 }

@@ -1,57 +1,262 @@
-//! Process metrics: the standard set from `metrics-process`, plus the
-//! agent's own `process_cpu_usage` and `process_memory_bytes`.
+//! Process metrics: the standard `process_*` set, plus the agent's own
+//! `process_cpu_usage` and `process_memory_bytes`.
 //!
-//! `process_cpu_seconds_total` counts whole seconds, too coarse to tell 3%
-//! from 30% over a few seconds, so CPU usage is computed here from the
-//! nanosecond process CPU clock.
+//! With the Prometheus exporter they are read from `/proc` when `/metrics`
+//! is scraped, as client_golang's process collector does, so a scrape is
+//! never older than the request and an idle agent has no sampling timer.
+//! They are written straight into the exposition rather than through the
+//! facade, because the facade's counters are integers and
+//! `process_cpu_seconds_total` is fractional (clock-tick resolution).
+//!
+//! DogStatsD has no scrape, so with that exporter [`ProcessSampler`] pushes
+//! the same set through the facade every `metrics.process_interval`, the
+//! standard set by `metrics-process`.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use metrics::Gauge;
+use metrics_exporter_prometheus::formatting::write_metric_line;
+use metrics_exporter_prometheus::LabelSet;
 use tokio_util::sync::CancellationToken;
 
-use super::defs::{PROCESS_CPU_USAGE, PROCESS_MEMORY_BYTES};
+use super::defs::{METRICS, PROCESS_CPU_USAGE, PROCESS_MEMORY_BYTES};
+use super::recorder::family_header;
 
-/// Refreshes process metrics; holds the previous CPU reading between samples.
+/// `process_cpu_usage`: CPU time over wall time since the previous refresh.
+///
+/// The first window starts when the meter is created (when the agent is
+/// ready), not when the process started, so startup work does not show as a
+/// spike on the first scrape.
+pub struct CpuMeter {
+    /// A reading is refreshed only when at least this much time has passed,
+    /// so frequent scrapes do not shrink the window to noise.
+    min_window: Duration,
+    since: Instant,
+    cpu_then: Duration,
+    value: Option<f64>,
+}
+
+impl CpuMeter {
+    /// Starts the first window now.
+    pub fn new(min_window: Duration) -> Self {
+        Self {
+            min_window,
+            since: Instant::now(),
+            cpu_then: process_cpu_time(),
+            value: None,
+        }
+    }
+
+    /// Percent of one core used over the last window. The window is closed
+    /// and a new one started on the first call and whenever `min_window`
+    /// has passed; otherwise the last value is returned.
+    pub fn read(&mut self) -> f64 {
+        let now = Instant::now();
+        let wall = now.duration_since(self.since);
+        if (self.value.is_none() || wall >= self.min_window) && !wall.is_zero() {
+            let cpu = process_cpu_time();
+            let used = cpu.saturating_sub(self.cpu_then);
+            self.value = Some(used.as_secs_f64() / wall.as_secs_f64() * 100.0);
+            self.since = now;
+            self.cpu_then = cpu;
+        }
+        self.value.unwrap_or(0.0)
+    }
+}
+
+/// The standard process set, as read from `/proc` and `getrlimit`. A value
+/// that could not be read is `None` and its series is left out.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ProcessStats {
+    /// User plus system CPU, to clock-tick resolution.
+    pub cpu_seconds: Option<f64>,
+    /// Resident set size.
+    pub resident_bytes: Option<f64>,
+    /// Virtual memory size.
+    pub virtual_bytes: Option<f64>,
+    /// Soft address-space limit; unlimited reads as 2^64, as client_golang
+    /// reports it.
+    pub virtual_max_bytes: Option<f64>,
+    /// Open file descriptors.
+    pub open_fds: Option<f64>,
+    /// Soft limit on open file descriptors.
+    pub max_fds: Option<f64>,
+    /// Start time, seconds since the Unix epoch, to clock-tick resolution.
+    pub start_time_seconds: Option<f64>,
+    /// OS threads.
+    pub threads: Option<f64>,
+}
+
+impl ProcessStats {
+    /// Reads the set now.
+    pub fn read() -> Self {
+        let mut stats = ProcessStats {
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|d| d.count() as f64),
+            max_fds: soft_limit(libc::RLIMIT_NOFILE),
+            virtual_max_bytes: soft_limit(libc::RLIMIT_AS),
+            ..Self::default()
+        };
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        // SAFETY: as above.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+        if let Some(stat) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| StatFields::parse(&s))
+        {
+            if hz > 0.0 {
+                stats.cpu_seconds = Some((stat.utime + stat.stime) as f64 / hz);
+                stats.start_time_seconds =
+                    boot_time().map(|boot| boot as f64 + stat.starttime as f64 / hz);
+            }
+            stats.threads = Some(stat.num_threads as f64);
+            stats.virtual_bytes = Some(stat.vsize as f64);
+            if page > 0.0 {
+                stats.resident_bytes = Some(stat.rss_pages as f64 * page);
+            }
+        }
+        stats
+    }
+
+    fn by_name(&self) -> [(&'static str, Option<f64>); 8] {
+        [
+            ("process_cpu_seconds_total", self.cpu_seconds),
+            ("process_resident_memory_bytes", self.resident_bytes),
+            ("process_virtual_memory_bytes", self.virtual_bytes),
+            ("process_virtual_memory_max_bytes", self.virtual_max_bytes),
+            ("process_open_fds", self.open_fds),
+            ("process_max_fds", self.max_fds),
+            ("process_start_time_seconds", self.start_time_seconds),
+            ("process_threads", self.threads),
+        ]
+    }
+}
+
+/// The fields of `/proc/self/stat` the set needs.
+struct StatFields {
+    utime: u64,
+    stime: u64,
+    num_threads: u64,
+    starttime: u64,
+    vsize: u64,
+    rss_pages: u64,
+}
+
+impl StatFields {
+    fn parse(stat: &str) -> Option<Self> {
+        // Fields after the parenthesised command name, which may contain
+        // spaces; field 3 (`state`) is index 0 here.
+        let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| rest.get(n - 3)?.parse::<u64>().ok();
+        Some(Self {
+            utime: field(14)?,
+            stime: field(15)?,
+            num_threads: field(20)?,
+            starttime: field(22)?,
+            vsize: field(23)?,
+            rss_pages: field(24)?,
+        })
+    }
+}
+
+/// Boot time, seconds since the Unix epoch, from `/proc/stat`.
+fn boot_time() -> Option<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A soft resource limit; `RLIM_INFINITY` is 2^64 - 1, which renders as
+/// 1.8446744073709552e19 like client_golang's.
+fn soft_limit(resource: libc::__rlimit_resource_t) -> Option<f64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    (unsafe { libc::getrlimit(resource, &mut lim) } == 0).then_some(lim.rlim_cur as f64)
+}
+
+/// Writes the process families into a scrape.
+pub struct ProcessCollector {
+    cpu: Mutex<CpuMeter>,
+}
+
+impl ProcessCollector {
+    /// `process_cpu_usage` windows are at least `min_window` long; the
+    /// first starts now.
+    pub fn new(min_window: Duration) -> Self {
+        Self {
+            cpu: Mutex::new(CpuMeter::new(min_window)),
+        }
+    }
+
+    /// Appends every process family, read now.
+    pub fn render_into(&self, out: &mut String) {
+        let cpu_usage = self
+            .cpu
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read();
+        let stats = ProcessStats::read();
+        write_family(out, PROCESS_CPU_USAGE, Some(cpu_usage));
+        write_family(out, PROCESS_MEMORY_BYTES, stats.resident_bytes);
+        for (name, value) in stats.by_name() {
+            write_family(out, name, value);
+        }
+    }
+}
+
+/// One unlabelled family with the catalog's HELP and TYPE.
+fn write_family(out: &mut String, name: &str, value: Option<f64>) {
+    let (Some(value), Some(def)) = (value, METRICS.iter().find(|d| d.name == name)) else {
+        return;
+    };
+    family_header(out, name, Some(def.help.to_owned()), def.kind.as_str());
+    let no_labels = LabelSet::from_key_and_global(
+        &metrics::Key::from_static_name(""),
+        &indexmap::IndexMap::new(),
+    );
+    write_metric_line::<&str, f64>(out, name, None, &no_labels, None, value, None);
+    out.push('\n');
+}
+
+/// Pushes process metrics through the facade, for exporters without a
+/// scrape (DogStatsD).
 pub struct ProcessSampler {
     collector: metrics_process::Collector,
+    cpu: CpuMeter,
     cpu_usage: Gauge,
     memory: Gauge,
-    last: (Instant, Duration),
 }
 
 impl ProcessSampler {
-    /// Describes the process metrics to the installed recorder. The first
-    /// sample's CPU usage covers the process's whole life so far, rather
-    /// than the instant between construction and the first sample.
+    /// Describes the process metrics to the installed recorder; the first
+    /// CPU window starts now.
     pub fn new() -> Self {
         let collector = metrics_process::Collector::default();
         collector.describe();
-        let now = Instant::now();
-        let started = process_age()
-            .and_then(|age| now.checked_sub(age))
-            .unwrap_or(now);
         Self {
             collector,
+            cpu: CpuMeter::new(Duration::ZERO),
             cpu_usage: metrics::gauge!(PROCESS_CPU_USAGE),
             memory: metrics::gauge!(PROCESS_MEMORY_BYTES),
-            last: (started, Duration::ZERO),
         }
     }
 
     /// Takes one sample. CPU usage covers the time since the previous call.
     pub fn sample(&mut self) {
         self.collector.collect();
-        let now = (Instant::now(), process_cpu_time());
-        let wall = now.0.duration_since(self.last.0);
-        if !wall.is_zero() {
-            let cpu = now.1.saturating_sub(self.last.1);
-            self.cpu_usage
-                .set(cpu.as_secs_f64() / wall.as_secs_f64() * 100.0);
-        }
-        self.last = now;
-        if let Some(rss) = resident_bytes() {
-            self.memory.set(rss as f64);
+        self.cpu_usage.set(self.cpu.read());
+        if let Some(rss) = ProcessStats::read().resident_bytes {
+            self.memory.set(rss);
         }
     }
 
@@ -89,69 +294,41 @@ pub fn process_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// How long ago this process started, from /proc (clock-tick resolution).
-fn process_age() -> Option<Duration> {
-    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; `starttime` is field 22.
-    let start_ticks: f64 = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| Duration::from_secs_f64((uptime - start_ticks / hz as f64).max(0.0)))
-}
-
-/// Resident set size from /proc/self/statm, in bytes.
-pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    (page > 0).then(|| pages * page as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_support::gauge;
     use metrics_util::debugging::DebuggingRecorder;
 
+    fn burn(cpu: Duration) {
+        let start = process_cpu_time();
+        let mut x = 0u64;
+        while process_cpu_time().saturating_sub(start) < cpu {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+    }
+
     #[test]
     fn samples_cpu_and_memory() {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let mut sampler = metrics::with_local_recorder(&recorder, ProcessSampler::new);
-        // The first sample averages over the process's life; this one is measured from here.
         metrics::with_local_recorder(&recorder, || sampler.sample());
         let wall = Instant::now();
         // Burn 200 ms of CPU time. On a loaded machine that takes longer
         // than 200 ms of wall time, so the bound below uses the wall time.
-        let burn = Duration::from_millis(200);
-        let cpu_start = process_cpu_time();
-        let mut x = 0u64;
-        while process_cpu_time().saturating_sub(cpu_start) < burn {
-            x = x.wrapping_mul(31).wrapping_add(7);
-        }
-        std::hint::black_box(x);
+        let cpu_burned = Duration::from_millis(200);
+        burn(cpu_burned);
         metrics::with_local_recorder(&recorder, || sampler.sample());
         let wall = wall.elapsed();
         let snap = snapshotter.snapshot().into_vec();
         let cpu = gauge(&snap, PROCESS_CPU_USAGE, &[]);
-        let at_least = burn.as_secs_f64() / wall.as_secs_f64() * 100.0;
+        let at_least = cpu_burned.as_secs_f64() / wall.as_secs_f64() * 100.0;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         assert!(
             cpu >= at_least * 0.99 && cpu <= cores * 100.0 * 1.05,
-            "burned {burn:?} of CPU in {wall:?}: expected {at_least:.1}% to {}%, got {cpu}%",
+            "burned {cpu_burned:?} of CPU in {wall:?}: expected {at_least:.1}% to {}%, got {cpu}%",
             cores * 100.0
         );
         let mem = gauge(&snap, PROCESS_MEMORY_BYTES, &[]);
@@ -160,24 +337,61 @@ mod tests {
     }
 
     #[test]
-    fn first_sample_averages_over_the_process_life() {
-        let age = process_age().expect("process age from /proc");
-        let cpu = process_cpu_time();
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        let mut sampler = metrics::with_local_recorder(&recorder, ProcessSampler::new);
-        metrics::with_local_recorder(&recorder, || sampler.sample());
-        let got = gauge(&snapshotter.snapshot().into_vec(), PROCESS_CPU_USAGE, &[]);
-        // Bounds from readings taken just before: at least the CPU used until
-        // then over an age at least as long (clock ticks are 10 ms).
-        let tick = Duration::from_millis(10);
-        let lower = cpu.as_secs_f64() / (age + Duration::from_secs(5)).as_secs_f64() * 100.0;
-        let upper = (process_cpu_time() + tick).as_secs_f64()
-            / age.saturating_sub(tick).max(tick).as_secs_f64()
-            * 100.0;
+    fn first_cpu_window_starts_at_the_meter_not_the_process() {
+        // Bounds from readings taken around the meter's creation and read.
+        let (cpu0, t0) = (process_cpu_time(), Instant::now());
+        let mut meter = CpuMeter::new(Duration::from_secs(3600));
+        let (cpu1, t1) = (process_cpu_time(), Instant::now());
+        burn(Duration::from_millis(50));
+        let (cpu2, t2) = (process_cpu_time(), Instant::now());
+        let got = meter.read();
+        let (cpu3, t3) = (process_cpu_time(), Instant::now());
+        let pct = |cpu: Duration, wall: Duration| cpu.as_secs_f64() / wall.as_secs_f64() * 100.0;
+        let lower = pct(cpu2 - cpu1, t3 - t0);
+        let upper = pct(cpu3 - cpu0, t2 - t1);
         assert!(
             got >= lower && got <= upper,
             "{got}% not in [{lower}, {upper}]"
         );
+        // Within the minimum window the value holds.
+        burn(Duration::from_millis(20));
+        assert_eq!(meter.read(), got);
+    }
+
+    #[test]
+    fn reads_the_standard_set_from_proc() {
+        let stats = ProcessStats::read();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = stats.start_time_seconds.unwrap();
+        assert!(start <= now + 1.0 && start > now - 3600.0, "{start}");
+        let cpu = stats.cpu_seconds.unwrap();
+        assert!(cpu >= 0.0 && cpu <= process_cpu_time().as_secs_f64() + 0.02);
+        assert!(stats.resident_bytes.unwrap() > 1e6);
+        assert!(stats.virtual_bytes.unwrap() >= stats.resident_bytes.unwrap());
+        assert!(stats.open_fds.unwrap() >= 3.0);
+        assert!(stats.max_fds.unwrap() >= stats.open_fds.unwrap());
+        assert!(stats.threads.unwrap() >= 1.0);
+        assert!(stats.virtual_max_bytes.unwrap() > 0.0);
+    }
+
+    #[test]
+    fn renders_every_process_family_with_catalog_help() {
+        let mut out = String::new();
+        ProcessCollector::new(Duration::from_secs(5)).render_into(&mut out);
+        for name in [PROCESS_CPU_USAGE, PROCESS_MEMORY_BYTES]
+            .into_iter()
+            .chain(ProcessStats::default().by_name().map(|(n, _)| n))
+        {
+            let def = METRICS.iter().find(|d| d.name == name).unwrap();
+            let family = format!(
+                "# HELP {name} {}\n# TYPE {name} {}\n{name} ",
+                def.help,
+                def.kind.as_str()
+            );
+            assert!(out.contains(&family), "{family} in:\n{out}");
+        }
     }
 }
