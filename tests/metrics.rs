@@ -671,6 +671,62 @@ fn process_metrics_agree_with_proc() {
     );
 }
 
+/// Process metrics are read from /proc at each scrape (issue #10): CPU
+/// seconds and start time to the clock tick, an unlimited address space as
+/// 2^64, and a first `process_cpu_usage` that covers the idle agent, not its
+/// startup.
+#[test]
+fn process_metrics_are_read_at_scrape() {
+    let agent = Agent::start();
+    let pid = agent.pid();
+    let hz = clock_ticks_per_second();
+    // Idle for a moment: the first CPU window starts when the agent is
+    // ready, so it must not show startup work (it read 39% to 86% when the
+    // first sample averaged over the process's life).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = cpu_ticks(pid) as f64 / hz;
+    let text = agent.scrape();
+    let after = cpu_ticks(pid) as f64 / hz;
+    let usage = value(&text, "process_cpu_usage", &[]);
+    assert!(
+        (0.0..25.0).contains(&usage),
+        "first process_cpu_usage of an idle agent: {usage}%"
+    );
+    // Exactly what /proc says at the scrape, in ticks: not whole seconds.
+    let cpu = value(&text, "process_cpu_seconds_total", &[]);
+    assert!(
+        (before..=after).contains(&cpu),
+        "process_cpu_seconds_total {cpu} not in [{before}, {after}]"
+    );
+    assert_eq!((cpu * hz).round(), cpu * hz, "a whole number of ticks");
+
+    let btime: f64 = std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("btime in /proc/stat");
+    let starttime = proc_stat_fields(pid)[22 - 3] as f64;
+    assert_eq!(
+        value(&text, "process_start_time_seconds", &[]),
+        btime + starttime / hz
+    );
+
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let address_space = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .expect("Max address space in /proc/pid/limits")
+        .to_owned();
+    let max = value(&text, "process_virtual_memory_max_bytes", &[]);
+    if address_space == "unlimited" {
+        assert_eq!(max, 18446744073709551615u64 as f64, "unlimited is 2^64");
+    } else {
+        assert_eq!(max, address_space.parse::<f64>().unwrap());
+    }
+}
+
 #[test]
 fn metrics_disabled_starts_no_endpoint() {
     let mut agent =
