@@ -280,11 +280,7 @@ fn contention(c: &mut Criterion) {
                     let start = Instant::now();
                     std::thread::scope(|s| {
                         for _ in 0..threads {
-                            s.spawn(|| {
-                                // As the agent's runtime threads do.
-                                telemetry::register_thread();
-                                work(iters)
-                            });
+                            s.spawn(|| work(iters));
                         }
                     });
                     start.elapsed()

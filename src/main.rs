@@ -55,8 +55,6 @@ fn run(config: Config, resolved: agent::config::Resolved) -> ExitCode {
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // Each runtime thread records metrics into a shard of its own.
-        .on_thread_start(agent::telemetry::register_thread)
         .build()
     {
         Ok(rt) => rt,

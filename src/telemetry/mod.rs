@@ -22,7 +22,7 @@ use crate::config::{ExporterKind, MetricsConfig, Resolved};
 pub use clock::{DurationHistogram, Start};
 pub use defs::{MessageMetrics, PeerMetrics, StorageOpMetrics, METRICS};
 pub use process::ProcessCollector;
-pub use recorder::{register_thread, ShardedRecorder};
+pub use recorder::ShardedRecorder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
