@@ -1,5 +1,5 @@
-//! Metrics: definitions, exporter installation, the HTTP endpoint and the
-//! process sampler.
+//! Metrics: definitions, the sharded recorder and its clock, exporter
+//! installation, the HTTP endpoint and process metrics.
 //!
 //! Call sites only use the `metrics` facade (through the handle structs in
 //! [`defs`]); which recorder receives the values is decided here, once, at

@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 
 use metrics::Gauge;
 use metrics_exporter_prometheus::formatting::write_metric_line;
-use metrics_exporter_prometheus::LabelSet;
 use tokio_util::sync::CancellationToken;
 
 use super::defs::{METRICS, PROCESS_CPU_USAGE, PROCESS_MEMORY_BYTES};
-use super::recorder::family_header;
+use super::recorder::{family_header, label_set};
 
 /// `process_cpu_usage`: CPU time over wall time since the previous refresh.
 ///
@@ -219,11 +218,8 @@ fn write_family(out: &mut String, name: &str, value: Option<f64>) {
     let (Some(value), Some(def)) = (value, METRICS.iter().find(|d| d.name == name)) else {
         return;
     };
-    family_header(out, name, Some(def.help.to_owned()), def.kind.as_str());
-    let no_labels = LabelSet::from_key_and_global(
-        &metrics::Key::from_static_name(""),
-        &indexmap::IndexMap::new(),
-    );
+    family_header(out, name, Some(def.help), def.kind.as_str());
+    let no_labels = label_set(&metrics::Key::from_static_name(def.name));
     write_metric_line::<&str, f64>(out, name, None, &no_labels, None, value, None);
     out.push('\n');
 }

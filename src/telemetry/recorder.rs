@@ -8,8 +8,9 @@
 //! them later), and every message records two samples: 6% of a local get.
 //! Here a sample is a bucket index found by a table lookup on the value's
 //! binary exponent and two atomic adds to the calling thread's shard, about
-//! 20 instructions; a counter increment is one atomic add, 5. Shards are cache-padded, so threads
-//! recording the same series do not bounce a cache line between cores.
+//! 20 instructions; a counter increment is one atomic add, 5. Shards are
+//! padded apart, so threads recording the same series do not bounce a cache
+//! line between cores.
 //! The measurements, and the candidates compared, are in
 //! docs/performance.md.
 //!
@@ -274,8 +275,8 @@ impl ShardedRecorder {
     /// Appends every series in the Prometheus text format 0.0.4: one family
     /// per name, sorted by name, its series sorted by labels.
     pub fn render_into(&self, out: &mut String) {
-        let descriptions = lock(&self.registry.descriptions).clone();
-        let help = |name: &str| descriptions.get(name).map(|d| d.as_ref().to_owned());
+        let descriptions = lock(&self.registry.descriptions);
+        let help = |name: &str| descriptions.get(name).map(|d| d.as_ref());
 
         let counters = families(&lock(&self.registry.counters), |c| c.value());
         for (name, series) in counters {
@@ -337,24 +338,22 @@ impl ShardedRecorder {
         }
     }
 
-    /// The whole exposition of this recorder's series.
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(8 * 1024);
-        self.render_into(&mut out);
-        out
-    }
-
     fn describe(&self, key: KeyName, description: SharedString) {
         lock(&self.registry.descriptions).insert(sanitize_metric_name(key.as_str()), description);
     }
 }
 
 /// Writes a family's HELP (when described) and TYPE lines.
-pub(crate) fn family_header(out: &mut String, name: &str, help: Option<String>, kind: &str) {
+pub(crate) fn family_header(out: &mut String, name: &str, help: Option<&str>, kind: &str) {
     if let Some(help) = help {
-        write_help_line(out, name, None, None, &help);
+        write_help_line(out, name, None, None, help);
     }
     write_type_line(out, name, None, None, kind);
+}
+
+/// The exporter's label set for a key (the agent sets no global labels).
+pub(crate) fn label_set(key: &Key) -> LabelSet {
+    LabelSet::from_key_and_global(key, &indexmap::IndexMap::new())
 }
 
 /// Series grouped by sanitized name, each with its label set and a value
@@ -363,21 +362,21 @@ fn families<M, V>(
     series: &HashMap<Key, Arc<M>>,
     read: impl Fn(&M) -> V,
 ) -> BTreeMap<String, Vec<(LabelSet, V)>> {
-    let no_global_labels = indexmap::IndexMap::new();
-    let mut by_name: BTreeMap<String, Vec<(String, LabelSet, V)>> = BTreeMap::new();
+    let mut by_name: BTreeMap<String, Vec<(&Key, &M)>> = BTreeMap::new();
     for (key, metric) in series {
-        let labels = LabelSet::from_key_and_global(key, &no_global_labels);
-        let sort_key = labels.to_strings().collect::<Vec<_>>().join(",");
         by_name
             .entry(sanitize_metric_name(key.name()))
             .or_default()
-            .push((sort_key, labels, read(metric)));
+            .push((key, metric));
     }
     by_name
         .into_iter()
         .map(|(name, mut series)| {
-            series.sort_by(|a, b| a.0.cmp(&b.0));
-            let series = series.into_iter().map(|(_, l, v)| (l, v)).collect();
+            series.sort_by(|a, b| a.0.labels().cmp(b.0.labels()));
+            let series = series
+                .into_iter()
+                .map(|(key, metric)| (label_set(key), read(metric)))
+                .collect();
             (name, series)
         })
         .collect()
@@ -519,7 +518,8 @@ mod tests {
             metrics::gauge!("a", "v" => "q\"uote").set(1.5);
             metrics::histogram!("message_processing_duration_seconds").record(0.00002);
         });
-        let text = recorder.render();
+        let mut text = String::new();
+        recorder.render_into(&mut text);
         let expected_start = "# HELP b_total Bees \\\\ \"quoted\"\\nnext.\n\
              # TYPE b_total counter\n\
              b_total{x=\"1\"} 1\n\
