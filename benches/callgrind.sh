@@ -99,7 +99,7 @@ PY
   done
 done
 
-ratio=$(awk '
+summary=$(awk '
   { if ($2 == "true") { on[$1] = $3; on_m[$1] = $4 } else { off[$1] = $3; off_m[$1] = $4 } }
   END {
     n = 0
@@ -109,8 +109,11 @@ ratio=$(awk '
     printf "median metrics-code instructions per message, on minus off: %.0f\n", median(d, n)
     printf "median share of metrics code with metrics on: %.2f%%\n", median(s, n)
     printf "median instructions-per-message ratio (on/off): %.4f\n", median(r, n)
-  }'"$AWK_MEDIAN" "$results" | tee /dev/stderr | sed -nE 's/^median instructions-per-message ratio \(on\/off\): //p')
+  }'"$AWK_MEDIAN" "$results")
+echo "$summary"
+ratio=$(sed -nE 's/^median instructions-per-message ratio \(on\/off\): //p' <<<"$summary")
 if [ -n "$max_ratio" ]; then
+  [ -n "$ratio" ] || { echo "FAIL: no on/off ratio was measured" >&2; exit 1; }
   if awk -v r="$ratio" -v m="$max_ratio" 'BEGIN { exit !(r > m) }'; then
     echo "FAIL: metrics on/off is $ratio instructions per message, above the limit $max_ratio" >&2
     exit 1
