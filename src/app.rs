@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Resolved};
 use crate::handler::Handler;
 use crate::peers::{self, DialPolicy, Peers};
-use crate::server::Server;
+use crate::server::{PeerTlsAcceptor, Server};
 use crate::storage::{AnyBackend, Instrumented, Storage, StorageError};
 use crate::telemetry::{self, TelemetryError};
 
@@ -52,7 +53,7 @@ pub async fn run(
                 addr: resolved.listen,
                 source,
             })?;
-    let backend = AnyBackend::open(&config.storage).await?;
+    let backend = AnyBackend::open(&config.storage, &resolved.redis_url).await?;
     tracing::info!(backend = backend.backend().as_str(), "storage ready");
     let handler = Arc::new(Handler::new(Instrumented::new(backend)));
     telemetry::spawn(installed, &config.metrics, &resolved, &cancel);
@@ -68,12 +69,22 @@ pub async fn run(
         peers: peers.clone(),
         max_connections: config.network.max_connections,
         max_line: config.network.max_message_bytes,
+        allowed_networks: resolved.peer_networks.clone(),
+        tls: resolved.peer_tls.as_ref().map(|tls| PeerTlsAcceptor {
+            acceptor: TlsAcceptor::from(Arc::clone(&tls.server)),
+            handshake_timeout: config.network.tls.handshake_timeout,
+        }),
     };
+    warn_if_open(&resolved);
     tracker.spawn(server.run(tracker.clone(), cancel.clone()));
     let policy = DialPolicy {
         ping_interval: config.network.ping_interval,
         max_backoff: config.network.max_redial_backoff,
         max_line: config.network.max_message_bytes,
+        tls: resolved
+            .peer_tls
+            .as_ref()
+            .map(|tls| Arc::clone(&tls.client)),
     };
     for addr in &config.network.peers {
         tracker.spawn(peers::maintain(
@@ -98,6 +109,21 @@ pub async fn run(
     handler.storage().close().await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Says once, at startup, when the peer port is open to anyone who can
+/// reach it: any such client can read, overwrite and delete every key.
+fn warn_if_open(resolved: &Resolved) {
+    if !resolved.listen.ip().is_loopback()
+        && resolved.peer_tls.is_none()
+        && resolved.peer_networks.is_empty()
+    {
+        tracing::warn!(
+            listen = %resolved.listen,
+            "peers are not authenticated: any client that can reach this address can read and \
+             write every key; set network.tls or network.allowed_networks (see docs/security.md)"
+        );
+    }
 }
 
 /// Raises the soft open-files limit to the hard limit: every peer and every

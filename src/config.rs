@@ -5,6 +5,16 @@
 //! way: figment/serde catch unknown keys and ill-typed values, then
 //! [`Config::validate`] checks what types cannot (ranges, address syntax, URLs).
 //! Either way the operator gets one [`ConfigError`] naming the key.
+//!
+//! Files the configuration names (certificates, keys, the web config file,
+//! the Redis password file) are read here too, so that `check-config`
+//! catches an unreadable or mismatched file before a restart does.
+
+mod tls;
+pub mod web;
+
+pub use tls::PeerTls;
+pub use web::{WebConfig, WebTls};
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -40,7 +50,7 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.to_string(),
         message: message.into(),
@@ -75,6 +85,47 @@ pub struct NetworkConfig {
     pub ping_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub max_redial_backoff: Duration,
+    /// CIDRs (or bare IPs) allowed to connect; empty allows everyone.
+    /// Others are closed at accept, before a byte is read.
+    pub allowed_networks: Vec<String>,
+    /// Mutual TLS between peers; all three files empty means plain TCP.
+    pub tls: PeerTlsConfig,
+}
+
+/// Mutual TLS for the peer port, inbound and outbound.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerTlsConfig {
+    /// This node's certificate chain (PEM), presented as server and as client.
+    pub cert_file: PathBuf,
+    /// The private key of `cert_file` (PEM).
+    pub key_file: PathBuf,
+    /// The CA (PEM) that signs every peer's certificate, both directions.
+    pub ca_file: PathBuf,
+    /// A handshake not finished within this is dropped, so a client that
+    /// stalls mid-handshake cannot hold a connection slot.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for PeerTlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl PeerTlsConfig {
+    /// Whether any of the three files is set (all must be, then).
+    pub fn enabled(&self) -> bool {
+        [&self.cert_file, &self.key_file, &self.ca_file]
+            .iter()
+            .any(|p| !p.as_os_str().is_empty())
+    }
 }
 
 impl Default for NetworkConfig {
@@ -86,6 +137,8 @@ impl Default for NetworkConfig {
             max_message_bytes: 1024 * 1024,
             ping_interval: Duration::from_secs(10),
             max_redial_backoff: Duration::from_secs(30),
+            allowed_networks: Vec::new(),
+            tls: PeerTlsConfig::default(),
         }
     }
 }
@@ -134,6 +187,10 @@ impl Default for LocalConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     pub url: String,
+    /// A file holding the Redis password, read at startup, so the secret
+    /// need not sit in the YAML or the environment. Exclusive with a
+    /// password in `url`.
+    pub password_file: PathBuf,
     pub key_prefix: String,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -143,6 +200,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379/0".into(),
+            password_file: PathBuf::new(),
             key_prefix: "agent:".into(),
             timeout: Duration::from_secs(2),
         }
@@ -171,6 +229,9 @@ pub struct MetricsConfig {
     pub process_interval: Duration,
     /// Concurrent connections to the metrics endpoint; more are closed at once.
     pub max_connections: usize,
+    /// An exporter-toolkit web config file (TLS, basic auth) for the
+    /// metrics endpoint; empty serves plain HTTP without authentication.
+    pub web_config_file: PathBuf,
     pub dogstatsd: DogstatsdConfig,
 }
 
@@ -185,6 +246,7 @@ impl Default for MetricsConfig {
             allowed_networks: Vec::new(),
             process_interval: Duration::from_secs(5),
             max_connections: 64,
+            web_config_file: PathBuf::new(),
             dogstatsd: DogstatsdConfig::default(),
         }
     }
@@ -234,8 +296,42 @@ impl Default for LogConfig {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub listen: SocketAddr,
+    /// `network.allowed_networks`, parsed.
+    pub peer_networks: Vec<IpNet>,
+    /// `network.tls`, loaded and checked; None for plain TCP.
+    pub peer_tls: Option<PeerTls>,
     pub metrics_addr: SocketAddr,
+    /// `metrics.allowed_networks`, parsed.
     pub allowed_networks: Vec<IpNet>,
+    /// `metrics.web_config_file`, loaded and checked (default: plain HTTP).
+    pub web: WebConfig,
+    /// `storage.redis.url` with the password from `password_file` applied.
+    pub redis_url: SecretUrl,
+}
+
+/// A URL that may hold a password. `Debug` and `Display` redact it, so a
+/// stray `{:?}` cannot leak the secret; [`SecretUrl::expose`] is the one way
+/// to the real text, for the client that connects with it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
 }
 
 impl Config {
@@ -299,17 +395,34 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        let peer_networks =
+            parse_networks("network.allowed_networks", &self.network.allowed_networks)?;
+        if self.network.tls.handshake_timeout.is_zero() {
+            return Err(invalid(
+                "network.tls.handshake_timeout",
+                "must be greater than 0",
+            ));
+        }
+        let peer_tls = if self.network.tls.enabled() {
+            for (i, peer) in self.network.peers.iter().enumerate() {
+                // The host is the name the peer's certificate must carry.
+                let host = peer.rsplit_once(':').map_or("", |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                if tokio_rustls::rustls::pki_types::ServerName::try_from(host).is_err() {
+                    return Err(invalid(
+                        &format!("network.peers[{i}]"),
+                        format!("{host:?} is not a DNS name or IP address a certificate can carry"),
+                    ));
+                }
+            }
+            Some(PeerTls::load(&self.network.tls)?)
+        } else {
+            None
+        };
         if self.storage.local.path.as_os_str().is_empty() {
             return Err(invalid("storage.local.path", "must not be empty"));
         }
-        if self.storage.backend == BackendKind::Redis || !self.storage.redis.url.is_empty() {
-            redis::Client::open(self.storage.redis.url.as_str()).map_err(|e| {
-                invalid(
-                    "storage.redis.url",
-                    format!("{:?} is not a valid Redis URL: {e}", self.storage.redis.url),
-                )
-            })?;
-        }
+        let redis_url = self.redis_url()?;
         if self.storage.redis.timeout.is_zero() {
             return Err(invalid("storage.redis.timeout", "must be greater than 0"));
         }
@@ -337,19 +450,13 @@ impl Config {
                 format!("{:?} is reserved for the health check", self.metrics.path),
             ));
         }
-        let mut allowed_networks = Vec::new();
-        for (i, net) in self.metrics.allowed_networks.iter().enumerate() {
-            let parsed = net
-                .parse::<IpNet>()
-                .or_else(|_| net.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    invalid(
-                        &format!("metrics.allowed_networks[{i}]"),
-                        format!("{net:?} is not a CIDR network or IP address"),
-                    )
-                })?;
-            allowed_networks.push(parsed);
-        }
+        let allowed_networks =
+            parse_networks("metrics.allowed_networks", &self.metrics.allowed_networks)?;
+        let web = if self.metrics.web_config_file.as_os_str().is_empty() {
+            WebConfig::default()
+        } else {
+            WebConfig::load(&self.metrics.web_config_file)?
+        };
         if self.metrics.process_interval.is_zero() {
             return Err(invalid(
                 "metrics.process_interval",
@@ -373,14 +480,82 @@ impl Config {
         })?;
         Ok(Resolved {
             listen,
+            peer_networks,
+            peer_tls,
             metrics_addr: SocketAddr::new(ip, self.metrics.port),
             allowed_networks,
+            web,
+            redis_url,
         })
     }
 
-    /// The effective configuration as YAML, as `check-config` prints it.
+    /// The Redis URL to connect with: `storage.redis.url`, checked, with the
+    /// password from `storage.redis.password_file` when one is named.
+    fn redis_url(&self) -> Result<SecretUrl, ConfigError> {
+        let redis = &self.storage.redis;
+        let checked = self.storage.backend == BackendKind::Redis || !redis.url.is_empty();
+        if checked {
+            redis::Client::open(redis.url.as_str()).map_err(|e| {
+                invalid(
+                    "storage.redis.url",
+                    // The URL is not echoed: it may hold a password.
+                    format!("{:?} is not a valid Redis URL: {e}", redact_url(&redis.url)),
+                )
+            })?;
+        }
+        if redis.password_file.as_os_str().is_empty() {
+            return Ok(SecretUrl(redis.url.clone()));
+        }
+        let key = "storage.redis.password_file";
+        let mut url = url::Url::parse(&redis.url).map_err(|e| {
+            invalid(
+                "storage.redis.url",
+                format!("cannot apply a password file to this URL: {e}"),
+            )
+        })?;
+        if url.password().is_some()
+            || url
+                .query_pairs()
+                .any(|(k, _)| k == "pass" || k == "password")
+        {
+            return Err(invalid(
+                key,
+                "storage.redis.url already holds a password; set one or the other",
+            ));
+        }
+        let text = std::fs::read_to_string(&redis.password_file).map_err(|e| {
+            invalid(
+                key,
+                format!("cannot read {}: {e}", redis.password_file.display()),
+            )
+        })?;
+        // One trailing newline is what `echo secret > file` leaves; it is not
+        // part of the password.
+        let password = text.strip_suffix('\n').unwrap_or(&text);
+        let password = password.strip_suffix('\r').unwrap_or(password);
+        if password.is_empty() {
+            return Err(invalid(
+                key,
+                format!("{} is empty", redis.password_file.display()),
+            ));
+        }
+        if url.scheme().starts_with("redis+unix") || url.scheme() == "unix" {
+            url.query_pairs_mut().append_pair("pass", password);
+        } else if url.set_password(Some(password)).is_err() {
+            return Err(invalid(
+                "storage.redis.url",
+                "this URL cannot carry a password",
+            ));
+        }
+        Ok(SecretUrl(url.to_string()))
+    }
+
+    /// The effective configuration as YAML, as `check-config` prints it,
+    /// with any password in the Redis URL redacted.
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let mut shown = self.clone();
+        shown.storage.redis.url = redact_url(&shown.storage.redis.url);
+        serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
     /// `node.id`, or the hostname when it is empty.
@@ -394,6 +569,64 @@ impl Config {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "unknown".to_string())
     }
+}
+
+/// `url` with its password replaced by `***`, for output: `check-config`,
+/// logs and error messages. Covers the password in the authority
+/// (`redis://:secret@host`) and in the query of Unix-socket URLs (`pass=`).
+/// A string that does not parse as a URL is shown only up to its last `@`.
+pub fn redact_url(url: &str) -> String {
+    const MASK: &str = "***";
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return match url.rfind('@') {
+            Some(at) => format!("{MASK}{}", &url[at..]),
+            None => url.to_string(),
+        };
+    };
+    let mut changed = false;
+    if parsed.password().is_some() {
+        changed |= parsed.set_password(Some(MASK)).is_ok();
+    }
+    if parsed
+        .query_pairs()
+        .any(|(k, _)| k == "pass" || k == "password")
+    {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "pass" || k == "password" {
+                    MASK.to_string()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+        changed = true;
+    }
+    if changed {
+        parsed.to_string()
+    } else {
+        url.to_string()
+    }
+}
+
+/// Parses a list of CIDRs or bare IPs; `key` names the list in errors.
+fn parse_networks(key: &str, nets: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    nets.iter()
+        .enumerate()
+        .map(|(i, net)| {
+            net.parse::<IpNet>()
+                .or_else(|_| net.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        &format!("{key}[{i}]"),
+                        format!("{net:?} is not a CIDR network or IP address"),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// A `host:port` to dial: a non-empty host and a port from 1 to 65535.
@@ -529,6 +762,54 @@ mod tests {
             assert_eq!(&err.key, key, "{yaml} gave {err}");
             assert!(!err.to_string().contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        for (url, shown) in [
+            ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+            (
+                "redis://user:secret@host:6379/0",
+                "redis://user:***@host:6379/0",
+            ),
+            ("rediss://:p%40ss@host/1", "rediss://:***@host/1"),
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://user@host:6379", "redis://user@host:6379"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=secret",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+            ("not a url :secret@host", "***@host"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn password_file_is_applied_and_never_shown() {
+        in_jail(|jail| {
+            std::fs::write(jail.directory().join("pw"), "s3cr3t\n").unwrap();
+            let yaml = "storage:\n  backend: redis\n  redis:\n    url: redis://host:6379/0\n    password_file: pw\n";
+            std::fs::write(jail.directory().join("a.yaml"), yaml).unwrap();
+            let (cfg, resolved) = Config::load(Some(Path::new("a.yaml"))).unwrap();
+            assert_eq!(resolved.redis_url.expose(), "redis://:s3cr3t@host:6379/0");
+            assert!(!format!("{resolved:?}").contains("s3cr3t"));
+            assert!(!cfg.to_yaml().contains("s3cr3t"));
+
+            let both =
+                "storage:\n  redis:\n    url: redis://:x@host:6379/0\n    password_file: pw\n";
+            std::fs::write(jail.directory().join("b.yaml"), both).unwrap();
+            let err = Config::load(Some(Path::new("b.yaml"))).unwrap_err();
+            assert_eq!(err.key, "storage.redis.password_file", "{err}");
+
+            std::fs::write(
+                jail.directory().join("c.yaml"),
+                "storage:\n  redis:\n    password_file: missing\n",
+            )
+            .unwrap();
+            let err = Config::load(Some(Path::new("c.yaml"))).unwrap_err();
+            assert_eq!(err.key, "storage.redis.password_file", "{err}");
+        });
     }
 
     #[test]

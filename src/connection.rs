@@ -1,12 +1,13 @@
-//! Line framing over one TCP stream.
+//! Line framing over one peer stream: plain TCP or TLS over TCP.
 //!
 //! Reads and writes are buffered with fixed capacities, and replies are
 //! flushed only when no complete request is left to read. A peer that
 //! pipelines without reading its replies fills the socket, our writes then
 //! wait, and we stop reading: back-pressure instead of unbounded buffers.
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 
 const READ_BUFFER: usize = 64 * 1024;
@@ -23,20 +24,37 @@ pub enum Frame {
     TooLarge,
 }
 
-pub struct Connection {
-    reader: BufReader<OwnedReadHalf>,
-    writer: BufWriter<OwnedWriteHalf>,
+/// A stream a peer connection runs over: TCP, or TLS over TCP. The
+/// descriptor is the TCP socket's, to ask the kernel what is unacknowledged.
+pub trait PeerStream: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send> PeerStream for S {}
+
+/// One peer connection, framed in lines. Reads and writes alternate (a
+/// request is read, its reply written), so one buffered stream serves both
+/// directions without splitting it.
+pub struct Connection<S = TcpStream> {
+    stream: BufReader<BufWriter<S>>,
+    fd: RawFd,
     line: Vec<u8>,
     max_line: usize,
 }
 
-impl Connection {
-    pub fn new(stream: TcpStream, max_line: usize) -> Self {
-        let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
+/// Sets TCP_NODELAY: replies are already batched by the write buffer, and
+/// Nagle would hold the last one back for a delayed ACK.
+pub fn prepare(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+}
+
+impl<S: PeerStream> Connection<S> {
+    pub fn new(stream: S, max_line: usize) -> Self {
+        let fd = stream.as_raw_fd();
         Self {
-            reader: BufReader::with_capacity(READ_BUFFER, r),
-            writer: BufWriter::with_capacity(WRITE_BUFFER, w),
+            stream: BufReader::with_capacity(
+                READ_BUFFER,
+                BufWriter::with_capacity(WRITE_BUFFER, stream),
+            ),
+            fd,
             line: Vec::new(),
             max_line,
         }
@@ -54,9 +72,9 @@ impl Connection {
         loop {
             if !self.has_buffered_line() {
                 // We are about to wait for the peer: it must have every reply first.
-                self.writer.flush().await?;
+                self.stream.flush().await?;
             }
-            let buf = self.reader.fill_buf().await?;
+            let buf = self.stream.fill_buf().await?;
             if buf.is_empty() {
                 return Ok(Frame::Closed);
             }
@@ -66,7 +84,7 @@ impl Connection {
                         return Ok(Frame::TooLarge);
                     }
                     self.line.extend_from_slice(&buf[..i]);
-                    self.reader.consume(i + 1);
+                    self.stream.consume(i + 1);
                     if self.line.last() == Some(&b'\r') {
                         self.line.pop();
                     }
@@ -78,7 +96,7 @@ impl Connection {
                         return Ok(Frame::TooLarge);
                     }
                     self.line.extend_from_slice(buf);
-                    self.reader.consume(n);
+                    self.stream.consume(n);
                 }
             }
         }
@@ -86,13 +104,13 @@ impl Connection {
 
     /// Whether a complete request is already buffered (no socket read needed).
     pub fn has_buffered_line(&self) -> bool {
-        memchr::memchr(b'\n', self.reader.buffer()).is_some()
+        memchr::memchr(b'\n', self.stream.buffer()).is_some()
     }
 
     /// Queues bytes for the peer; they are sent when the buffer fills or by
     /// the next flush.
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.writer.write_all(bytes).await
+        self.stream.write_all(bytes).await
     }
 
     /// Reads and drops input for up to `limit`, until the peer closes.
@@ -103,11 +121,11 @@ impl Connection {
     pub async fn discard_input(&mut self, limit: std::time::Duration) {
         let _ = tokio::time::timeout(limit, async {
             loop {
-                match self.reader.fill_buf().await {
+                match self.stream.fill_buf().await {
                     Ok([]) | Err(_) => return,
                     Ok(buf) => {
                         let n = buf.len();
-                        self.reader.consume(n);
+                        self.stream.consume(n);
                     }
                 }
             }
@@ -117,8 +135,8 @@ impl Connection {
 
     /// Flushes and half-closes the write side so the peer sees a clean EOF.
     pub async fn shutdown(&mut self) -> std::io::Result<()> {
-        self.writer.flush().await?;
-        self.writer.shutdown().await
+        self.stream.flush().await?;
+        self.stream.shutdown().await
     }
 
     /// Waits until the peer has acknowledged everything written, or until
@@ -129,9 +147,7 @@ impl Connection {
     /// replies short for a peer that reads slowly and keeps sending; once
     /// everything is acknowledged, closing loses nothing.
     pub async fn wait_delivered(&self, deadline: tokio::time::Instant) {
-        while unacknowledged_bytes(self.writer.get_ref().as_ref()) > 0
-            && tokio::time::Instant::now() < deadline
-        {
+        while unacknowledged_bytes(self.fd) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
@@ -140,11 +156,11 @@ impl Connection {
 /// Bytes written to `stream` that the peer has not acknowledged yet
 /// (0 when unknown).
 #[cfg(target_os = "linux")]
-fn unacknowledged_bytes(stream: &TcpStream) -> libc::c_int {
-    use std::os::fd::AsRawFd;
+fn unacknowledged_bytes(fd: RawFd) -> libc::c_int {
     let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int for a TCP socket.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int for a TCP socket; `fd`
+    // is the connection's own socket, open for as long as `self` lives.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
     if rc == 0 {
         n
     } else {
@@ -153,6 +169,6 @@ fn unacknowledged_bytes(stream: &TcpStream) -> libc::c_int {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn unacknowledged_bytes(_stream: &TcpStream) -> libc::c_int {
+fn unacknowledged_bytes(_fd: RawFd) -> libc::c_int {
     0
 }

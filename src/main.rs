@@ -31,10 +31,17 @@ enum Command {
     Run,
     /// Validate the configuration and print it, environment overrides applied.
     CheckConfig,
+    /// Read a password on standard input and print its bcrypt hash, for
+    /// `basic_auth_users` in the metrics web config file.
+    HashPassword,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::HashPassword) = cli.command {
+        // Needs no configuration: it is run where the web config is written.
+        return hash_password();
+    }
     let (config, resolved) = match Config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -48,6 +55,38 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config, resolved),
+        Command::HashPassword => hash_password(),
+    }
+}
+
+/// bcrypt cost of `hash-password`: what the exporter-toolkit documentation
+/// uses, about 60 ms per check here. The agent remembers a verified
+/// credential, so the cost is paid once per scraper, not per scrape.
+const BCRYPT_COST: u32 = 10;
+
+/// Reads one password (up to the first newline, which is not part of it)
+/// from stdin and prints its bcrypt hash.
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("agent: cannot read the password from standard input: {e}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        eprintln!("agent: empty password on standard input");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match bcrypt::hash(password, BCRYPT_COST) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agent: cannot hash the password: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
     }
 }
 

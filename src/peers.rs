@@ -5,13 +5,17 @@
 //! `agent_peers_connected` returns to its previous value however the
 //! connection ends: close, reset, error, or shutdown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{Connection, Frame};
-use crate::telemetry::PeerMetrics;
+use crate::connection::{self, Connection, Frame, PeerStream};
+use crate::telemetry::{DenyReason, PeerMetrics};
 
 /// Hands out guards that keep `agent_peers_connected` exact.
 #[derive(Clone)]
@@ -35,6 +39,11 @@ impl Peers {
 
     pub fn rejected(&self) {
         self.metrics.rejected.increment(1);
+    }
+
+    /// Counts an inbound connection closed before any request was read.
+    pub fn denied(&self, reason: DenyReason) {
+        self.metrics.denied(reason).increment(1);
     }
 }
 
@@ -61,6 +70,9 @@ pub struct DialPolicy {
     pub ping_interval: Duration,
     pub max_backoff: Duration,
     pub max_line: usize,
+    /// Mutual TLS (`network.tls`): present our certificate, verify the
+    /// peer's against the CA and the host name we dialed.
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -74,14 +86,17 @@ pub async fn maintain(addr: String, policy: DialPolicy, peers: Peers, cancel: Ca
     loop {
         let dialed = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)) => r,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, dial(&addr, policy.tls.as_ref())) => r,
         };
         match dialed {
             Ok(Ok(stream)) => {
-                tracing::info!(peer = %addr, "connected to peer");
+                tracing::info!(peer = %addr, tls = policy.tls.is_some(), "connected to peer");
                 failures = 0;
                 backoff = MIN_BACKOFF;
-                let reason = keepalive(stream, &policy, &peers, &cancel).await;
+                let reason = match stream {
+                    Dialed::Plain(s) => keepalive(s, &policy, &peers, &cancel).await,
+                    Dialed::Tls(s) => keepalive(*s, &policy, &peers, &cancel).await,
+                };
                 if cancel.is_cancelled() {
                     return;
                 }
@@ -98,6 +113,40 @@ pub async fn maintain(addr: String, policy: DialPolicy, peers: Peers, cancel: Ca
     }
 }
 
+/// An established outbound connection.
+enum Dialed {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connects to `addr`, then runs the TLS handshake when `tls` is set. The
+/// peer's certificate must chain to the CA and name the host we dialed.
+async fn dial(addr: &str, tls: Option<&Arc<ClientConfig>>) -> std::io::Result<Dialed> {
+    let stream = TcpStream::connect(addr).await?;
+    connection::prepare(&stream);
+    let Some(config) = tls else {
+        return Ok(Dialed::Plain(stream));
+    };
+    let name = server_name(addr).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a valid TLS server name",
+        )
+    })?;
+    let stream = TlsConnector::from(Arc::clone(config))
+        .connect(name, stream)
+        .await?;
+    Ok(Dialed::Tls(Box::new(stream)))
+}
+
+/// The name a peer's certificate must carry: the host part of `host:port`
+/// (an IP address or a DNS name; IPv6 without its brackets).
+pub fn server_name(addr: &str) -> Option<ServerName<'static>> {
+    let (host, _port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string()).ok()
+}
+
 fn log_dial_failure(addr: &str, error: &str, failures: &mut u32, backoff: Duration) {
     *failures += 1;
     // Warn once per outage, not on every retry.
@@ -109,8 +158,8 @@ fn log_dial_failure(addr: &str, error: &str, failures: &mut u32, backoff: Durati
 }
 
 /// Pings until the connection fails; returns why.
-async fn keepalive(
-    stream: TcpStream,
+async fn keepalive<S: PeerStream>(
+    stream: S,
     policy: &DialPolicy,
     peers: &Peers,
     cancel: &CancellationToken,

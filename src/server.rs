@@ -1,19 +1,23 @@
-//! The peer listener: accepts connections, enforces the connection limit,
-//! and serves each connection in its own task.
+//! The peer listener: admits connections (allow-list, connection limit,
+//! TLS handshake), and serves each connection in its own task.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::{Connection, Frame};
+use crate::connection::{self, Connection, Frame, PeerStream};
 use crate::handler::Handler;
 use crate::peers::Peers;
 use crate::storage::Storage;
+use crate::telemetry::DenyReason;
 
 /// How long a closing connection may take to deliver its last replies.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
@@ -26,6 +30,19 @@ pub struct Server<S> {
     pub peers: Peers,
     pub max_connections: usize,
     pub max_line: usize,
+    /// `network.allowed_networks`; empty admits every address.
+    pub allowed_networks: Vec<IpNet>,
+    /// Mutual TLS, when `network.tls` is set.
+    pub tls: Option<PeerTlsAcceptor>,
+}
+
+/// The inbound half of peer TLS.
+#[derive(Clone)]
+pub struct PeerTlsAcceptor {
+    /// Requires a client certificate from the configured CA.
+    pub acceptor: TlsAcceptor,
+    /// `network.tls.handshake_timeout`.
+    pub handshake_timeout: Duration,
 }
 
 impl<S: Storage> Server<S> {
@@ -37,6 +54,13 @@ impl<S: Storage> Server<S> {
             else {
                 return;
             };
+            // Before a slot and before any byte is read: an address outside
+            // the allow-list costs the agent nothing but the accept.
+            if !allowed(&self.allowed_networks, remote.ip()) {
+                self.peers.denied(DenyReason::NotAllowed);
+                tracing::debug!(%remote, "not in network.allowed_networks; closing connection");
+                continue;
+            }
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                 self.peers.rejected();
                 tracing::debug!(%remote, "network.max_connections reached; closing connection");
@@ -46,12 +70,73 @@ impl<S: Storage> Server<S> {
             let peers = self.peers.clone();
             let cancel = cancel.clone();
             let max_line = self.max_line;
+            let tls = self.tls.clone();
             tracker.spawn(async move {
-                let _guard = peers.connected();
-                serve(stream, &handler, max_line, &cancel).await;
+                connection::prepare(&stream);
+                match tls {
+                    None => {
+                        let _guard = peers.connected();
+                        serve(stream, &handler, max_line, &cancel).await;
+                    }
+                    Some(tls) => {
+                        if let Some(stream) = handshake(stream, remote, &tls, &peers, &cancel).await
+                        {
+                            let _guard = peers.connected();
+                            serve(stream, &handler, max_line, &cancel).await;
+                        }
+                    }
+                }
                 drop(slot);
             });
         }
+    }
+}
+
+/// Whether `ip` may connect. An IPv4 client on a dual-stack socket shows
+/// up as `::ffff:a.b.c.d` and is matched as IPv4.
+pub fn allowed(networks: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    networks.is_empty() || networks.iter().any(|n| n.contains(&ip))
+}
+
+/// Runs the server side of the TLS handshake, bounded by the handshake
+/// timeout (a client that stalls mid-handshake would otherwise hold its
+/// connection slot) and by shutdown. A failure is counted by reason.
+async fn handshake(
+    stream: TcpStream,
+    remote: SocketAddr,
+    tls: &PeerTlsAcceptor,
+    peers: &Peers,
+    cancel: &CancellationToken,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accepted = tokio::select! {
+        _ = cancel.cancelled() => return None,
+        r = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)) => r,
+    };
+    let (reason, error) = match accepted {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(e)) => (classify(&e), e.to_string()),
+        Err(_) => (DenyReason::TlsTimeout, "handshake timed out".to_string()),
+    };
+    peers.denied(reason);
+    // Debug, not warn: anyone who can reach the port can trigger this, and
+    // the counter is what to alert on. The dialing side logs the cause.
+    tracing::debug!(%remote, reason = reason.as_str(), %error, "peer TLS handshake failed");
+    None
+}
+
+/// Maps a handshake error to its deny reason.
+fn classify(e: &std::io::Error) -> DenyReason {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::NoCertificatesPresented) => DenyReason::TlsNoCertificate,
+        Some(rustls::Error::InvalidCertificate(_)) => DenyReason::TlsBadCertificate,
+        _ => DenyReason::TlsError,
     }
 }
 
@@ -78,8 +163,8 @@ pub async fn accept(
 }
 
 /// Serves one connection: one reply per request line, in order.
-async fn serve<S: Storage>(
-    stream: TcpStream,
+async fn serve<S: Storage, IO: PeerStream>(
+    stream: IO,
     handler: &Handler<S>,
     max_line: usize,
     cancel: &CancellationToken,

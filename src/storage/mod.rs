@@ -15,7 +15,7 @@ pub use self::instrumented::Instrumented;
 pub use self::local::LocalStore;
 pub use self::redis::RedisStore;
 
-use crate::config::{BackendKind, StorageConfig};
+use crate::config::{BackendKind, SecretUrl, StorageConfig};
 
 /// Why a storage operation failed. The text is sent to the peer.
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +51,14 @@ pub enum AnyBackend {
 impl AnyBackend {
     /// Opens the configured backend. A local database that cannot be opened
     /// is fatal; an unreachable Redis is not (it is retried per operation).
-    pub async fn open(cfg: &StorageConfig) -> Result<Self, StorageError> {
+    /// `redis_url` is the Redis URL with its password applied (see
+    /// [`crate::config::Resolved::redis_url`]).
+    pub async fn open(cfg: &StorageConfig, redis_url: &SecretUrl) -> Result<Self, StorageError> {
         match cfg.backend {
             BackendKind::Local => Ok(AnyBackend::Local(LocalStore::open(&cfg.local.path).await?)),
-            BackendKind::Redis => Ok(AnyBackend::Redis(RedisStore::open(&cfg.redis).await?)),
+            BackendKind::Redis => Ok(AnyBackend::Redis(
+                RedisStore::open(&cfg.redis, redis_url).await?,
+            )),
         }
     }
 }

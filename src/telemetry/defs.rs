@@ -15,6 +15,9 @@ pub const PROCESS_CPU_USAGE: &str = "process_cpu_usage";
 pub const PROCESS_MEMORY_BYTES: &str = "process_memory_bytes";
 pub const AGENT_PEERS_CONNECTED: &str = "agent_peers_connected";
 pub const AGENT_CONNECTIONS_REJECTED_TOTAL: &str = "agent_connections_rejected_total";
+pub const AGENT_PEER_CONNECTIONS_DENIED_TOTAL: &str = "agent_peer_connections_denied_total";
+pub const AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL: &str = "agent_http_requests_unauthorized_total";
+pub const AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL: &str = "agent_http_tls_handshake_failures_total";
 pub const MESSAGES_RECEIVED_TOTAL: &str = "messages_received_total";
 pub const MESSAGES_FAILED_TOTAL: &str = "messages_failed_total";
 pub const MESSAGE_PROCESSING_DURATION_SECONDS: &str = "message_processing_duration_seconds";
@@ -135,6 +138,27 @@ pub const METRICS: &[MetricDef] = &[
         Kind::Counter,
         Some(Unit::Count),
         "Inbound peer connections closed at once because network.max_connections was reached.",
+        &[],
+    ),
+    agent(
+        AGENT_PEER_CONNECTIONS_DENIED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Inbound peer connections closed before any request was read: outside network.allowed_networks, or a failed TLS handshake, by reason.",
+        &["reason"],
+    ),
+    agent(
+        AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Requests to the metrics endpoint answered 401: a missing, unknown or wrong basic-auth credential.",
+        &[],
+    ),
+    agent(
+        AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Connections to the metrics endpoint closed because the TLS handshake failed or timed out.",
         &[],
     ),
     agent(
@@ -307,11 +331,52 @@ impl StorageOpMetrics {
     }
 }
 
-/// `agent_peers_connected` plus the rejected-connection counter.
+/// Why an inbound peer connection was closed before a request was read:
+/// the `reason` label of `agent_peer_connections_denied_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// The address is outside `network.allowed_networks`.
+    NotAllowed,
+    /// TLS is on and the client presented no certificate.
+    TlsNoCertificate,
+    /// The client's certificate does not chain to `network.tls.ca_file`
+    /// (another CA, expired, or not valid for client authentication).
+    TlsBadCertificate,
+    /// The handshake did not finish within `network.tls.handshake_timeout`.
+    TlsTimeout,
+    /// Any other handshake failure: not TLS at all, no common protocol
+    /// version or cipher, or the client gave up.
+    TlsError,
+}
+
+impl DenyReason {
+    /// Every reason, in label order.
+    pub const ALL: [DenyReason; 5] = [
+        DenyReason::NotAllowed,
+        DenyReason::TlsNoCertificate,
+        DenyReason::TlsBadCertificate,
+        DenyReason::TlsTimeout,
+        DenyReason::TlsError,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::NotAllowed => "not_allowed",
+            DenyReason::TlsNoCertificate => "tls_no_certificate",
+            DenyReason::TlsBadCertificate => "tls_bad_certificate",
+            DenyReason::TlsTimeout => "tls_timeout",
+            DenyReason::TlsError => "tls_error",
+        }
+    }
+}
+
+/// `agent_peers_connected` plus the rejected- and denied-connection counters.
 #[derive(Clone)]
 pub struct PeerMetrics {
     pub connected: Gauge,
     pub rejected: Counter,
+    denied: [Counter; DenyReason::ALL.len()],
 }
 
 impl PeerMetrics {
@@ -319,7 +384,37 @@ impl PeerMetrics {
         Self {
             connected: metrics::gauge!(AGENT_PEERS_CONNECTED),
             rejected: metrics::counter!(AGENT_CONNECTIONS_REJECTED_TOTAL),
+            denied: DenyReason::ALL.map(
+                |r| metrics::counter!(AGENT_PEER_CONNECTIONS_DENIED_TOTAL, "reason" => r.as_str()),
+            ),
         }
+    }
+
+    /// The counter for one deny reason.
+    pub fn denied(&self, reason: DenyReason) -> &Counter {
+        &self.denied[reason as usize]
+    }
+}
+
+/// The metrics endpoint's own security counters.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    pub unauthorized: Counter,
+    pub tls_handshake_failures: Counter,
+}
+
+impl HttpMetrics {
+    pub fn new() -> Self {
+        Self {
+            unauthorized: metrics::counter!(AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL),
+            tls_handshake_failures: metrics::counter!(AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL),
+        }
+    }
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

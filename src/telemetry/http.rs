@@ -8,6 +8,11 @@
 //! When the connection cap is reached the oldest connection that has not
 //! completed a request is evicted, so idle connections cannot lock out a
 //! scraper; idle and incomplete connections close after the header-read timeout.
+//!
+//! With `metrics.web_config_file` it serves HTTPS (rustls) and requires
+//! basic authentication, as node_exporter does with the same file. The
+//! rules cover every path, `/health` included: whoever may not scrape
+//! learns nothing from this port, not even that the agent is up.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -19,15 +24,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
-use tokio::net::TcpListener;
-
-use super::Exposition;
-use crate::server::accept;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use super::auth::BasicAuth;
+use super::{Exposition, HttpMetrics};
+use crate::server::{accept, allowed};
 
 pub const HEALTH_PATH: &str = "/health";
 /// Prometheus text exposition format 0.0.4; Prometheus 3 rejects a scrape
@@ -47,16 +55,35 @@ pub struct Endpoint {
     pub path: String,
     pub allowed_networks: Vec<IpNet>,
     pub max_connections: usize,
+    /// HTTPS, from the web config file; None serves plain HTTP.
+    pub tls: Option<TlsAcceptor>,
+    /// Basic authentication, from the web config file; None admits all.
+    pub auth: Option<BasicAuth>,
+    /// 401s and failed handshakes.
+    pub metrics: HttpMetrics,
 }
 
 impl Endpoint {
     fn allows(&self, ip: IpAddr) -> bool {
-        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.allowed_networks.is_empty() || self.allowed_networks.iter().any(|n| n.contains(&ip))
+        allowed(&self.allowed_networks, ip)
+    }
+
+    /// Answers one request: allow-list, then credentials, then the route.
+    async fn answer(&self, req: &Request<Incoming>, allowed: bool) -> Response<Full<Bytes>> {
+        if allowed {
+            if let Some(auth) = &self.auth {
+                if !auth.check(req.headers()).await {
+                    self.metrics.unauthorized.increment(1);
+                    let mut resp = plain(StatusCode::UNAUTHORIZED, "Unauthorized\n");
+                    resp.headers_mut().insert(
+                        WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Basic realm=\"agent\""),
+                    );
+                    return resp;
+                }
+            }
+        }
+        self.respond(req, allowed)
     }
 
     fn respond(&self, req: &Request<Incoming>, allowed: bool) -> Response<Full<Bytes>> {
@@ -160,25 +187,62 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: Cancellati
         let guard = slots.admit();
         let endpoint = Arc::clone(&endpoint);
         tokio::spawn(async move {
-            serve_connection(stream, remote, &endpoint, &guard.slot).await;
+            match &endpoint.tls {
+                None => serve_connection(stream, remote, &endpoint, &guard.slot).await,
+                Some(acceptor) => {
+                    if let Some(tls) = handshake(acceptor, stream, &endpoint, &guard.slot).await {
+                        serve_connection(tls, remote, &endpoint, &guard.slot).await;
+                    }
+                }
+            }
             drop(guard);
         });
     }
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+/// The server side of the TLS handshake, within the header-read timeout
+/// (a stalled handshake is an incomplete request like any other) and
+/// giving way to eviction. A failure is counted.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    endpoint: &Endpoint,
+    slot: &Slot,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let result = tokio::select! {
+        r = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)) => r,
+        _ = slot.evict.cancelled() => return None,
+    };
+    match result {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            endpoint.metrics.tls_handshake_failures.increment(1);
+            tracing::debug!(error = %e, "metrics endpoint: TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            endpoint.metrics.tls_handshake_failures.increment(1);
+            tracing::debug!("metrics endpoint: TLS handshake timed out");
+            None
+        }
+    }
+}
+
+async fn serve_connection<IO>(
+    stream: IO,
     remote: SocketAddr,
     endpoint: &Arc<Endpoint>,
     slot: &Arc<Slot>,
-) {
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let allowed = endpoint.allows(remote.ip());
     let ep = Arc::clone(endpoint);
     let served = Arc::clone(slot);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         served.served.store(true, Ordering::Relaxed);
-        let resp = ep.respond(&req, allowed);
-        async move { Ok::<_, Infallible>(resp) }
+        let ep = Arc::clone(&ep);
+        async move { Ok::<_, Infallible>(ep.answer(&req, allowed).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

@@ -6,6 +6,7 @@
 //! startup: our [`ShardedRecorder`] for Prometheus, `metrics-exporter-dogstatsd`
 //! for DogStatsD, or the no-op recorder.
 
+mod auth;
 pub mod clock;
 pub mod defs;
 pub mod http;
@@ -13,6 +14,7 @@ pub mod process;
 pub mod recorder;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ExporterKind, MetricsConfig, Resolved};
 
 pub use clock::{DurationHistogram, Start};
-pub use defs::{MessageMetrics, PeerMetrics, StorageOpMetrics, METRICS};
+pub use defs::{DenyReason, HttpMetrics, MessageMetrics, PeerMetrics, StorageOpMetrics, METRICS};
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
 
@@ -114,7 +116,13 @@ pub fn spawn(
         Installed::Disabled => {}
         Installed::Prometheus { recorder, listener } => {
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, path = %cfg.path, "metrics endpoint listening");
+                tracing::info!(
+                    %addr,
+                    path = %cfg.path,
+                    tls = resolved.web.tls.is_some(),
+                    basic_auth = !resolved.web.users.is_empty(),
+                    "metrics endpoint listening"
+                );
             }
             let endpoint = http::Endpoint {
                 exposition: Exposition {
@@ -124,7 +132,20 @@ pub fn spawn(
                 path: cfg.path.clone(),
                 allowed_networks: resolved.allowed_networks.clone(),
                 max_connections: cfg.max_connections,
+                tls: resolved
+                    .web
+                    .tls
+                    .as_ref()
+                    .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.server))),
+                auth: auth::BasicAuth::new(resolved.web.users.clone()),
+                metrics: HttpMetrics::new(),
             };
+            if !resolved.web.users.is_empty() && resolved.web.tls.is_none() {
+                tracing::warn!(
+                    "metrics.web_config_file sets basic_auth_users without tls_server_config: \
+                     passwords cross the network in clear"
+                );
+            }
             tokio::spawn(http::serve(listener, endpoint, cancel.clone()));
         }
         Installed::Dogstatsd => {

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod pki;
+
 /// Finds an external tool (`redis-server`, `promtool`, `prometheus`) on PATH.
 ///
 /// Under CI (`CI` set) a missing tool fails the test: a green run must mean the
@@ -501,7 +503,13 @@ pub fn try_http_get(addr: SocketAddr, path: &str, version: &str) -> std::io::Res
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
+    parse_http_response(&raw)
+}
+
+/// Splits a whole HTTP/1 response (read until close) into status, headers
+/// and body.
+pub fn parse_http_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
+    let text = String::from_utf8_lossy(raw).into_owned();
     let bad = |what: &str| {
         std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {text:?}"))
     };
