@@ -95,8 +95,14 @@ pub async fn run(
         ));
     }
     tracing::info!("agent ready");
+    // systemd's Type=notify: started means listening, storage open. Without
+    // NOTIFY_SOCKET (not under systemd) this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd that the agent is ready");
+    }
 
     shutdown.await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: no new connections, answering requests already read");
     cancel.cancel();
     tracker.close();

@@ -472,12 +472,7 @@ impl Config {
         if self.metrics.exporter == ExporterKind::Dogstatsd {
             check_host_port("metrics.dogstatsd.address", &self.metrics.dogstatsd.address)?;
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
-            invalid(
-                "log.level",
-                format!("{:?} is not a valid level or filter: {e}", self.log.level),
-            )
-        })?;
+        check_log_level(&self.log.level)?;
         Ok(Resolved {
             listen,
             peer_networks,
@@ -642,12 +637,67 @@ fn check_host_port(key: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// `log.level` is a level, or tracing filter directives (`agent=debug,info`).
+/// A bare word that is not a level is refused: the filter syntax would take
+/// it as a target name (`verbose` would mean "only the `verbose` target", and
+/// silence every log line), which is never what was meant.
+fn check_log_level(value: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    for directive in value.split(',').filter(|d| !d.trim().is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            // An `=` inside a span field filter (`[span{f=1}]`) is not the level's.
+            Some((_, level)) if !level.contains([']', '}']) => level,
+            _ => directive,
+        };
+        if !is_level(level) {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{level:?} is not a level (trace, debug, info, warn, error, off); \
+                     a filter is target=level, e.g. agent=debug,info"
+                ),
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(value).map_err(|e| {
+        invalid(
+            "log.level",
+            format!("{value:?} is not a valid level or filter: {e}"),
+        )
+    })?;
+    Ok(())
+}
+
+/// The known key closest to an unknown one, if it is close enough to be a
+/// typo (`prot` for `port`, `alowed_networks`).
+fn did_you_mean(unknown: &str, expected: &[&str]) -> Option<String> {
+    expected
+        .iter()
+        .map(|k| (strsim::jaro_winkler(unknown, k), *k))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k.to_string())
+}
+
 fn from_figment(err: figment::Error) -> ConfigError {
     use figment::error::Kind;
     let key = err.path.join(".");
     let message = match &err.kind {
         // figment's path already ends with the unknown key.
-        Kind::UnknownField(..) => format!("unknown key{}", source_suffix(&err)),
+        Kind::UnknownField(field, expected) => match did_you_mean(field, expected) {
+            Some(known) => {
+                let mut path = err.path.clone();
+                path.pop();
+                path.push(known);
+                format!(
+                    "unknown key; did you mean `{}`?{}",
+                    path.join("."),
+                    source_suffix(&err)
+                )
+            }
+            None => format!("unknown key{}", source_suffix(&err)),
+        },
         kind => format!("{kind}{}", source_suffix(&err)),
     };
     ConfigError { key, message }
@@ -756,12 +806,40 @@ mod tests {
             ("metrics:\n  prot: 8080\n", "metrics.prot"),
             ("bogus: 1\n", "bogus"),
             ("log:\n  format: xml\n", "log.format"),
+            ("log:\n  level: verbose\n", "log.level"),
+            ("log:\n  level: agent=loud\n", "log.level"),
         ];
         for (yaml, key) in cases {
             let err = load_yaml(yaml).expect_err(yaml);
             assert_eq!(&err.key, key, "{yaml} gave {err}");
             assert!(!err.to_string().contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn log_levels_and_filters_are_accepted() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "agent=debug,info",
+            "warn,agent::server=trace",
+            "off",
+        ] {
+            assert_eq!(check_log_level(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_get_a_hint_when_close_to_a_known_one() {
+        let err = load_yaml("metrics:\n  prot: 8080\n").unwrap_err();
+        assert!(
+            err.message.contains("did you mean `metrics.port`?"),
+            "{err}"
+        );
+        let err = load_yaml("network:\n  alowed_networks: []\n").unwrap_err();
+        assert!(err.message.contains("`network.allowed_networks`"), "{err}");
+        let err = load_yaml("bogus: 1\n").unwrap_err();
+        assert!(!err.message.contains("did you mean"), "{err}");
     }
 
     #[test]

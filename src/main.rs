@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use agent::config::{Config, LogFormat};
 
@@ -34,13 +34,36 @@ enum Command {
     /// Read a password on standard input and print its bcrypt hash, for
     /// `basic_auth_users` in the metrics web config file.
     HashPassword,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `agent man > /usr/share/man/man1/agent.1`.
+    Man,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::HashPassword) = cli.command {
-        // Needs no configuration: it is run where the web config is written.
-        return hash_password();
+    // These need no configuration: they run where the agent is installed
+    // or its web config is written, not where it runs.
+    match cli.command {
+        Some(Command::HashPassword) => return hash_password(),
+        Some(Command::Completions { shell }) => {
+            // Into a buffer first: `generate` panics on a write error.
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "agent", &mut out);
+            return print_bytes(&out);
+        }
+        Some(Command::Man) => {
+            let mut out = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                eprintln!("agent: cannot render the manual page: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+            return print_bytes(&out);
+        }
+        _ => {}
     }
     let (config, resolved) = match Config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,
@@ -55,7 +78,22 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config, resolved),
-        Command::HashPassword => hash_password(),
+        Command::HashPassword | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before the configuration is loaded")
+        }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`agent man | head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agent: cannot write to standard output: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
     }
 }
 

@@ -305,6 +305,13 @@ fn both_exporters_report_the_same_counts_for_the_same_traffic() {
     ] {
         want_prometheus.insert(series_key(name, &[]), 0.0);
     }
+    for (code, n) in [("200", 1.0), ("401", 0.0), ("403", 0.0), ("405", 0.0)] {
+        // The one scrape counts itself.
+        want_prometheus.insert(
+            series_key("agent_metrics_scrapes_total", &[("code", code)]),
+            n,
+        );
+    }
     assert_eq!(scraped, want_prometheus, "Prometheus exporter");
     drop(agent);
 
@@ -329,7 +336,8 @@ fn both_exporters_report_the_same_counts_for_the_same_traffic() {
     );
     // The same numbers as the scrape, but for the endpoint's own counters.
     let mut scraped_common = scraped.clone();
-    scraped_common.retain(|k, _| !k.starts_with("agent_http_"));
+    scraped_common
+        .retain(|k, _| !k.starts_with("agent_http_") && !k.starts_with("agent_metrics_scrapes"));
     assert_eq!(received.counts(), scraped_common, "the exporters disagree");
 
     // Each metric arrives with the DogStatsD type of its definition:

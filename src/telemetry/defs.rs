@@ -18,6 +18,7 @@ pub const AGENT_CONNECTIONS_REJECTED_TOTAL: &str = "agent_connections_rejected_t
 pub const AGENT_PEER_CONNECTIONS_DENIED_TOTAL: &str = "agent_peer_connections_denied_total";
 pub const AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL: &str = "agent_http_requests_unauthorized_total";
 pub const AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL: &str = "agent_http_tls_handshake_failures_total";
+pub const AGENT_METRICS_SCRAPES_TOTAL: &str = "agent_metrics_scrapes_total";
 pub const MESSAGES_RECEIVED_TOTAL: &str = "messages_received_total";
 pub const MESSAGES_FAILED_TOTAL: &str = "messages_failed_total";
 pub const MESSAGE_PROCESSING_DURATION_SECONDS: &str = "message_processing_duration_seconds";
@@ -160,6 +161,13 @@ pub const METRICS: &[MetricDef] = &[
         Some(Unit::Count),
         "Connections to the metrics endpoint closed because the TLS handshake failed or timed out.",
         &[],
+    ),
+    agent(
+        AGENT_METRICS_SCRAPES_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Requests to metrics.path, by HTTP status code; a served scrape counts itself.",
+        &["code"],
     ),
     agent(
         MESSAGES_RECEIVED_TOTAL,
@@ -396,11 +404,16 @@ impl PeerMetrics {
     }
 }
 
-/// The metrics endpoint's own security counters.
+/// The status codes a request to `metrics.path` can get, in the order of
+/// [`HttpMetrics`]' scrape counters.
+pub const SCRAPE_CODES: [u16; 4] = [200, 401, 403, 405];
+
+/// The metrics endpoint's own counters: scrapes by code, and security.
 #[derive(Clone)]
 pub struct HttpMetrics {
     pub unauthorized: Counter,
     pub tls_handshake_failures: Counter,
+    scrapes: [Counter; SCRAPE_CODES.len()],
 }
 
 impl HttpMetrics {
@@ -408,6 +421,15 @@ impl HttpMetrics {
         Self {
             unauthorized: metrics::counter!(AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL),
             tls_handshake_failures: metrics::counter!(AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL),
+            scrapes: SCRAPE_CODES
+                .map(|c| metrics::counter!(AGENT_METRICS_SCRAPES_TOTAL, "code" => c.to_string())),
+        }
+    }
+
+    /// Counts one request to `metrics.path` answered with `code`.
+    pub fn scraped(&self, code: u16) {
+        if let Some(i) = SCRAPE_CODES.iter().position(|&c| c == code) {
+            self.scrapes[i].increment(1);
         }
     }
 }

@@ -24,7 +24,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, VARY, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
@@ -68,8 +70,22 @@ impl Endpoint {
         allowed(&self.allowed_networks, ip)
     }
 
-    /// Answers one request: allow-list, then credentials, then the route.
+    /// Answers one request, and counts it when it is for `metrics.path`.
     async fn answer(&self, req: &Request<Incoming>, allowed: bool) -> Response<Full<Bytes>> {
+        let resp = self.authorize_and_route(req, allowed).await;
+        // A served scrape was counted before rendering, so it counts itself.
+        if req.uri().path() == self.path && resp.status() != StatusCode::OK {
+            self.metrics.scraped(resp.status().as_u16());
+        }
+        resp
+    }
+
+    /// Allow-list, then credentials, then the route.
+    async fn authorize_and_route(
+        &self,
+        req: &Request<Incoming>,
+        allowed: bool,
+    ) -> Response<Full<Bytes>> {
         if allowed {
             if let Some(auth) = &self.auth {
                 if !auth.check(req.headers()).await {
@@ -91,19 +107,69 @@ impl Endpoint {
             return plain(StatusCode::FORBIDDEN, "Forbidden\n");
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
+            let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return resp;
         }
         match req.uri().path() {
             p if p == self.path => {
-                let mut resp = Response::new(Full::new(Bytes::from(self.exposition.render())));
-                resp.headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_CONTENT_TYPE));
+                self.metrics.scraped(200);
+                let page = self.exposition.render();
+                let compressed = if accepts_gzip(req) {
+                    gzipped(page.as_bytes())
+                } else {
+                    None
+                };
+                let mut resp = match compressed {
+                    Some(compressed) => {
+                        let mut resp = Response::new(Full::new(Bytes::from(compressed)));
+                        resp.headers_mut()
+                            .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                        resp
+                    }
+                    None => Response::new(Full::new(Bytes::from(page))),
+                };
+                let headers = resp.headers_mut();
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_CONTENT_TYPE));
+                headers.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
                 resp
             }
             HEALTH_PATH => plain(StatusCode::OK, "OK\n"),
             _ => plain(StatusCode::NOT_FOUND, "Not Found\n"),
         }
     }
+}
+
+/// Whether the client takes a gzip body (`Accept-Encoding: gzip`, or `*`,
+/// with a q-value above 0), as Prometheus sends by default.
+fn accepts_gzip(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && q > 0.0
+        })
+}
+
+/// The page gzipped at the default level, as client_golang serves it; None
+/// (send it plain) if compression fails, which in memory it does not.
+fn gzipped(page: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(page.len() / 4),
+        flate2::Compression::default(),
+    );
+    encoder.write_all(page).ok()?;
+    encoder.finish().ok()
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
