@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::connection::{Connection, Frame};
 use crate::handler::Handler;
 use crate::peers::Peers;
+use crate::protocol;
 use crate::storage::Storage;
 
 /// How long a closing connection may take to deliver its last replies.
@@ -99,7 +100,7 @@ async fn serve<S: Storage>(
         out.clear();
         match frame {
             Ok(Frame::Line) => {
-                if conn.line().iter().all(u8::is_ascii_whitespace) {
+                if protocol::is_blank(conn.line()) {
                     continue;
                 }
                 handler.handle(conn.line(), &mut out).await;

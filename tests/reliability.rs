@@ -657,7 +657,7 @@ fn hostile_peer_input_is_answered_counted_and_bounded() {
     for segment in junk[..junk.len() - 1].split(|&b| b == b'\n') {
         let line = segment.strip_suffix(b"\r").unwrap_or(segment);
         assert!(line.len() < MAX_LINE);
-        if line.iter().all(u8::is_ascii_whitespace) {
+        if agent::protocol::is_blank(line) {
             continue; // blank lines are skipped without a reply
         }
         let failure = agent::protocol::decode(line)
