@@ -80,7 +80,6 @@ pub async fn run(
     let policy = DialPolicy {
         ping_interval: config.network.ping_interval,
         max_backoff: config.network.max_redial_backoff,
-        max_line: config.network.max_message_bytes,
         tls: resolved
             .peer_tls
             .as_ref()

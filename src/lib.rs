@@ -6,7 +6,8 @@
 //! - [`config`]: defaults, YAML file and `AGENT_*` environment, validated.
 //! - [`server`], [`connection`], [`handler`], [`protocol`]: the peer protocol
 //!   from socket to reply.
-//! - [`peers`]: peer accounting and outbound peers.
+//! - [`peers`]: peer accounting and outbound peers; [`peer_text`]: peer bytes
+//!   in logs, escaped, truncated and throttled.
 //! - [`storage`]: the `Storage` trait, its backends and the metrics wrapper.
 //! - [`telemetry`]: every metric's definition, exporter setup, `/metrics`.
 
@@ -14,6 +15,7 @@ pub mod app;
 pub mod config;
 pub mod connection;
 pub mod handler;
+pub mod peer_text;
 pub mod peers;
 pub mod protocol;
 pub mod server;

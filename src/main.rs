@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use agent::config::{Config, LogFormat};
 
@@ -140,7 +141,20 @@ fn run(config: Config, resolved: agent::config::Resolved) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let result = runtime.block_on(agent::app::run(config, resolved, shutdown_signal()));
+    // Registered before the agent starts serving, so that from "agent ready"
+    // on no handled signal can take its default action (killing the process
+    // without a drain).
+    let signals = {
+        let _context = runtime.enter();
+        match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("agent: cannot install signal handlers: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
+    };
+    let result = runtime.block_on(agent::app::run(config, resolved, signals.shutdown()));
     // Connections that ignored the drain deadline must not hold up the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
@@ -170,19 +184,46 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the agent");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// The signals the agent handles. Once registered, a signal no longer takes
+/// its default action, even after every stream is dropped: SIGUSR1, SIGUSR2
+/// and SIGQUIT would otherwise kill the agent mid-request, without a drain.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    /// Logged and otherwise ignored; the agent has no use for them.
+    ignored: [(&'static str, Signal); 3],
+}
+
+impl Signals {
+    /// Registers the handlers; must run inside the runtime.
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            ignored: [
+                ("SIGUSR1", signal(SignalKind::user_defined1())?),
+                ("SIGUSR2", signal(SignalKind::user_defined2())?),
+                ("SIGQUIT", signal(SignalKind::quit())?),
+            ],
+        })
+    }
+
+    /// Resolves on SIGTERM or SIGINT, logging each ignored signal meanwhile.
+    async fn shutdown(mut self) {
+        let [(usr1, s1), (usr2, s2), (quit, s3)] = &mut self.ignored;
+        loop {
+            let (name, stop) = tokio::select! {
+                _ = self.term.recv() => ("SIGTERM", true),
+                _ = self.int.recv() => ("SIGINT", true),
+                _ = s1.recv() => (*usr1, false),
+                _ = s2.recv() => (*usr2, false),
+                _ = s3.recv() => (*quit, false),
+            };
+            if stop {
+                tracing::info!("received {name}");
+                return;
+            }
+            tracing::warn!("received {name}; ignored (SIGTERM or SIGINT stops the agent)");
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("received SIGTERM"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
     }
 }

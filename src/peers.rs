@@ -5,8 +5,9 @@
 //! `agent_peers_connected` returns to its previous value however the
 //! connection ends: close, reset, error, or shutdown.
 
-use std::sync::Arc;
 use std::time::Duration;
+
+use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -15,6 +16,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{self, Connection, Frame, PeerStream};
+use crate::peer_text::{preview, Throttle};
 use crate::telemetry::{DenyReason, PeerMetrics};
 
 /// Hands out guards that keep `agent_peers_connected` exact.
@@ -69,7 +71,6 @@ impl Drop for PeerGuard {
 pub struct DialPolicy {
     pub ping_interval: Duration,
     pub max_backoff: Duration,
-    pub max_line: usize,
     /// Mutual TLS (`network.tls`): present our certificate, verify the
     /// peer's against the CA and the host name we dialed.
     pub tls: Option<Arc<ClientConfig>>,
@@ -77,12 +78,21 @@ pub struct DialPolicy {
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest reply to our ping we read. A correct one is about 30 bytes; a
+/// peer answering with a huge line is cut off here instead of buffered.
+const MAX_PING_REPLY: usize = 1024;
+/// At most one warning per peer per this period; the rest go to debug.
+const WARN_PERIOD: Duration = Duration::from_secs(60);
 
 /// Keeps one configured peer connected until cancelled: dial, ping every
 /// `ping_interval`, and redial with capped exponential backoff when lost.
+///
+/// The backoff starts over only once a connection has proved healthy (a
+/// ping was answered): a peer that accepts and closes at once, or answers
+/// with junk, is redialled less and less often, not every 100 ms.
 pub async fn maintain(addr: String, policy: DialPolicy, peers: Peers, cancel: CancellationToken) {
     let mut backoff = MIN_BACKOFF;
-    let mut failures = 0u32;
+    let mut log = PeerLog::new(&addr);
     loop {
         let dialed = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -90,20 +100,23 @@ pub async fn maintain(addr: String, policy: DialPolicy, peers: Peers, cancel: Ca
         };
         match dialed {
             Ok(Ok(stream)) => {
-                tracing::info!(peer = %addr, tls = policy.tls.is_some(), "connected to peer");
-                failures = 0;
-                backoff = MIN_BACKOFF;
-                let reason = match stream {
-                    Dialed::Plain(s) => keepalive(s, &policy, &peers, &cancel).await,
-                    Dialed::Tls(s) => keepalive(*s, &policy, &peers, &cancel).await,
+                tracing::debug!(peer = %addr, tls = policy.tls.is_some(), "connection to peer open; pinging");
+                let session = match stream {
+                    Dialed::Plain(s) => keepalive(s, &policy, &peers, &mut log, &cancel).await,
+                    Dialed::Tls(s) => keepalive(*s, &policy, &peers, &mut log, &cancel).await,
                 };
                 if cancel.is_cancelled() {
                     return;
                 }
-                tracing::warn!(peer = %addr, reason = %reason, "lost peer; redialing");
+                if session.healthy {
+                    backoff = MIN_BACKOFF;
+                    log.lost(&session.reason, backoff);
+                } else {
+                    log.failed(&session.reason, backoff);
+                }
             }
-            Ok(Err(e)) => log_dial_failure(&addr, &e.to_string(), &mut failures, backoff),
-            Err(_) => log_dial_failure(&addr, "connect timed out", &mut failures, backoff),
+            Ok(Err(e)) => log.failed(&e.to_string(), backoff),
+            Err(_) => log.failed("connect timed out", backoff),
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -141,40 +154,116 @@ async fn dial(addr: &str, tls: Option<&Arc<ClientConfig>>) -> std::io::Result<Di
 
 /// The name a peer's certificate must carry: the host part of `host:port`
 /// (an IP address or a DNS name; IPv6 without its brackets).
-pub fn server_name(addr: &str) -> Option<ServerName<'static>> {
+fn server_name(addr: &str) -> Option<ServerName<'static>> {
     let (host, _port) = addr.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_string()).ok()
 }
 
-fn log_dial_failure(addr: &str, error: &str, failures: &mut u32, backoff: Duration) {
-    *failures += 1;
-    // Warn once per outage, not on every retry.
-    if *failures == 1 {
-        tracing::warn!(peer = %addr, error, "cannot reach peer; retrying with backoff");
-    } else {
-        tracing::debug!(peer = %addr, error, attempt = *failures, ?backoff, "cannot reach peer");
+/// What an outbound peer's log says, so that a misbehaving peer cannot
+/// flood it: one warning per outage or loss (then at most one per
+/// [`WARN_PERIOD`], the rest at debug), and one line when it is back.
+/// Reasons are logged with `%` (as they are): any peer bytes in them are
+/// already an escaped [`preview`].
+struct PeerLog<'a> {
+    addr: &'a str,
+    /// Failed attempts since the last healthy connection.
+    failures: u32,
+    warnings: Throttle,
+    /// A warning was logged and no "connected" line since: the recovery
+    /// must be logged too, or the log would say the peer is still down.
+    warned_down: bool,
+    /// Whether a connection has ever been healthy (the first one is logged).
+    ever_up: bool,
+}
+
+impl<'a> PeerLog<'a> {
+    fn new(addr: &'a str) -> Self {
+        Self {
+            addr,
+            failures: 0,
+            warnings: Throttle::new(WARN_PERIOD),
+            warned_down: false,
+            ever_up: false,
+        }
+    }
+
+    /// The first ping was answered.
+    fn up(&mut self) {
+        let addr = self.addr;
+        if self.warned_down || !self.ever_up {
+            tracing::info!(peer = %addr, "connected to peer");
+        } else {
+            tracing::debug!(peer = %addr, "connected to peer");
+        }
+        self.failures = 0;
+        self.warned_down = false;
+        self.ever_up = true;
+    }
+
+    /// A healthy connection ended.
+    fn lost(&mut self, reason: &str, backoff: Duration) {
+        let addr = self.addr;
+        match self.warnings.allow() {
+            Some(held_back) => {
+                tracing::warn!(peer = %addr, reason = %reason, held_back, "lost peer; redialing");
+                self.warned_down = true;
+            }
+            None => {
+                tracing::debug!(peer = %addr, reason = %reason, ?backoff, "lost peer; redialing")
+            }
+        }
+    }
+
+    /// An attempt failed: no connection, or one that never answered a ping.
+    fn failed(&mut self, error: &str, backoff: Duration) {
+        let addr = self.addr;
+        self.failures += 1;
+        let attempts = self.failures;
+        match self.warnings.allow() {
+            Some(held_back) => {
+                tracing::warn!(
+                    peer = %addr, error = %error, attempts, held_back, next_attempt_in = ?backoff,
+                    "cannot reach peer; retrying with backoff"
+                );
+                self.warned_down = true;
+            }
+            None => {
+                tracing::debug!(peer = %addr, error = %error, attempts, ?backoff, "cannot reach peer")
+            }
+        }
     }
 }
 
-/// Pings until the connection fails; returns why.
+/// How one outbound connection went.
+struct Session {
+    /// At least one ping was answered correctly.
+    healthy: bool,
+    /// Why it ended.
+    reason: String,
+}
+
+/// Pings until the connection fails.
 async fn keepalive<S: PeerStream>(
     stream: S,
     policy: &DialPolicy,
     peers: &Peers,
+    log: &mut PeerLog<'_>,
     cancel: &CancellationToken,
-) -> String {
+) -> Session {
     let _guard = peers.connected();
-    let mut conn = Connection::new(stream, policy.max_line);
+    let mut conn = Connection::new(stream, MAX_PING_REPLY);
+    let mut healthy = false;
+    let end = |healthy: bool, reason: String| Session { healthy, reason };
     let mut seq: u64 = 0;
     loop {
         seq += 1;
         let ping = format!("{{\"id\":{seq},\"op\":\"ping\"}}\n");
         if let Err(e) = conn.write(ping.as_bytes()).await {
-            return e.to_string();
+            return end(healthy, e.to_string());
         }
         let reply = tokio::select! {
-            _ = cancel.cancelled() => return "shutdown".into(),
+            _ = cancel.cancelled() => return end(healthy, "shutdown".into()),
             r = tokio::time::timeout(policy.ping_interval, conn.read_line()) => r,
         };
         match reply {
@@ -182,26 +271,41 @@ async fn keepalive<S: PeerStream>(
                 let line = conn.line();
                 let expected = format!("{{\"id\":{seq},\"ok\":true}}");
                 if line != expected.as_bytes() {
-                    return format!("unexpected ping reply: {}", String::from_utf8_lossy(line));
+                    // The peer's bytes: only an escaped preview may be logged.
+                    return end(healthy, format!("unexpected ping reply: {}", preview(line)));
+                }
+                if !healthy {
+                    healthy = true;
+                    log.up();
                 }
             }
-            Ok(Ok(Frame::Closed)) => return "closed by peer".into(),
-            Ok(Ok(Frame::TooLarge)) => return "reply too large".into(),
-            Ok(Err(e)) => return e.to_string(),
-            Err(_) => return format!("no ping reply within {:?}", policy.ping_interval),
+            Ok(Ok(Frame::Closed)) => return end(healthy, "closed by peer".into()),
+            Ok(Ok(Frame::TooLarge)) => {
+                return end(
+                    healthy,
+                    format!("ping reply longer than {MAX_PING_REPLY} bytes"),
+                )
+            }
+            Ok(Err(e)) => return end(healthy, e.to_string()),
+            Err(_) => {
+                return end(
+                    healthy,
+                    format!("no ping reply within {:?}", policy.ping_interval),
+                )
+            }
         }
         // Between pings, watch the socket: a peer that closes or resets is
         // noticed (and redialed) now, not at the next ping.
         let idle = tokio::select! {
-            _ = cancel.cancelled() => return "shutdown".into(),
+            _ = cancel.cancelled() => return end(healthy, "shutdown".into()),
             _ = tokio::time::sleep(policy.ping_interval) => None,
             r = conn.read_line() => Some(r),
         };
         match idle {
             None => {}
-            Some(Ok(Frame::Closed)) => return "closed by peer".into(),
-            Some(Ok(_)) => return "unexpected data from peer between pings".into(),
-            Some(Err(e)) => return e.to_string(),
+            Some(Ok(Frame::Closed)) => return end(healthy, "closed by peer".into()),
+            Some(Ok(_)) => return end(healthy, "unexpected data from peer between pings".into()),
+            Some(Err(e)) => return end(healthy, e.to_string()),
         }
     }
 }

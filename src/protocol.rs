@@ -11,6 +11,20 @@ use serde_json::value::RawValue;
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest `id` accepted, in bytes of JSON text as sent. The id is echoed in
+/// the reply, so without a bound a peer could make every reply as large as
+/// its request (a deeply nested id costs two bytes per level).
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest unknown `op` quoted back in the error, in characters: enough to
+/// recognise a typo, too little to turn an error reply into a large one.
+const MAX_OP_ECHO_CHARS: usize = 64;
+
+/// Whether a line (without its `\n`) is blank: empty, or only spaces, tabs
+/// and `\r`. Blank lines are skipped without a reply; anything else,
+/// including other control characters such as a form feed, is a message.
+pub fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r'))
+}
 
 /// A decoded, well-formed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,15 +166,24 @@ pub fn decode(line: &[u8]) -> (Option<&RawValue>, Result<Request, Failure>) {
             )
         }
     };
+    if let Some(id) = raw.id.filter(|id| id.get().len() > MAX_ID_BYTES) {
+        // Too long to echo: the reply says so without it.
+        return (
+            None,
+            Err(Failure::new(
+                FailReason::Invalid,
+                format!(
+                    "field \"id\" is {} bytes, the limit is {MAX_ID_BYTES}",
+                    id.get().len()
+                ),
+            )),
+        );
+    }
     (raw.id, typed(&raw))
 }
 
 fn typed(raw: &RawRequest<'_>) -> Result<Request, Failure> {
-    let op = match raw.op {
-        None => return Err(Failure::new(FailReason::Invalid, "missing field \"op\"")),
-        Some(op) => serde_json::from_str::<String>(op.get())
-            .map_err(|_| Failure::new(FailReason::Invalid, "field \"op\" must be a string"))?,
-    };
+    let op = string_field("op", raw.op)?;
     match op.as_str() {
         "ping" => Ok(Request::Ping),
         "get" => Ok(Request::Get { key: key(raw)? }),
@@ -172,7 +195,10 @@ fn typed(raw: &RawRequest<'_>) -> Result<Request, Failure> {
         "delete" => Ok(Request::Delete { key: key(raw)? }),
         _ => Err(Failure::new(
             FailReason::UnknownOp,
-            format!("unknown op {op:?}: expected ping, put, get or delete"),
+            format!(
+                "unknown op {}: expected ping, put, get or delete",
+                quoted_prefix(&op, MAX_OP_ECHO_CHARS)
+            ),
         )),
     }
 }
@@ -201,11 +227,53 @@ fn string_field(name: &str, raw: Option<&RawValue>) -> Result<String, Failure> {
     let raw =
         raw.ok_or_else(|| Failure::new(FailReason::Invalid, format!("missing field {name:?}")))?;
     serde_json::from_str::<String>(raw.get()).map_err(|_| {
-        Failure::new(
-            FailReason::Invalid,
-            format!("field {name:?} must be a string"),
-        )
+        // The line already parsed as JSON, so a string token that does not
+        // decode can only hold an escape that is not Unicode.
+        let message = match unpaired_surrogate(raw.get()) {
+            Some(escape) if raw.get().starts_with('"') => format!(
+                "field {name:?} is not valid Unicode: {escape} is an unpaired UTF-16 surrogate"
+            ),
+            _ => format!("field {name:?} must be a string"),
+        };
+        Failure::new(FailReason::Invalid, message)
     })
+}
+
+/// The first `\uXXXX` escape in a JSON string token that is a surrogate
+/// without its partner (a high one not followed by a low one, or a lone low
+/// one); JSON allows it, but it is not a Unicode character.
+fn unpaired_surrogate(token: &str) -> Option<&str> {
+    let bytes = token.as_bytes();
+    let escape_at = |i: usize| -> Option<u16> {
+        let hex = token.get(i + 2..i + 6)?;
+        (bytes.get(i) == Some(&b'\\') && bytes.get(i + 1) == Some(&b'u'))
+            .then(|| u16::from_str_radix(hex, 16).ok())
+            .flatten()
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match escape_at(i) {
+            Some(0xD800..=0xDBFF) if matches!(escape_at(i + 6), Some(0xDC00..=0xDFFF)) => i += 12,
+            Some(0xD800..=0xDFFF) => return token.get(i..i + 6),
+            Some(_) => i += 6,
+            // A two-character escape such as \" or \\.
+            None => i += 2,
+        }
+    }
+    None
+}
+
+/// `s` as a quoted JSON-style string, cut to `max` characters (with `...`
+/// after the closing quote when cut).
+fn quoted_prefix(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => format!("{:?}...", &s[..end]),
+        None => format!("{s:?}"),
+    }
 }
 
 /// Appends the reply line (with its newline) for `outcome` to `out`.
@@ -336,6 +404,86 @@ mod tests {
             let got = decode(line).1.expect_err(&String::from_utf8_lossy(line));
             assert_eq!(got.reason, reason, "{}", String::from_utf8_lossy(line));
         }
+    }
+
+    #[test]
+    fn blank_means_spaces_tabs_and_cr_only() {
+        for blank in [&b""[..], b" ", b"\t", b"\r", b" \t\r \r"] {
+            assert!(is_blank(blank), "{blank:?}");
+        }
+        for not_blank in [&b"\x0c"[..], b"\x0b", b" \x0c ", b"\0", b"x"] {
+            assert!(!is_blank(not_blank), "{not_blank:?}");
+        }
+    }
+
+    #[test]
+    fn id_longer_than_the_limit_is_rejected_without_echo() {
+        let exact = format!(r#""{}""#, "i".repeat(MAX_ID_BYTES - 2));
+        let line = format!(r#"{{"id":{exact},"op":"ping"}}"#);
+        assert_eq!(
+            reply(line.as_bytes(), Outcome::Ok),
+            format!("{{\"id\":{exact},\"ok\":true}}\n")
+        );
+        let nested = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let line = format!(r#"{{"id":{nested},"op":"ping"}}"#);
+        assert_eq!(
+            reply(line.as_bytes(), Outcome::Ok),
+            "{\"ok\":false,\"error\":\"field \\\"id\\\" is 20000 bytes, the limit is 256\"}\n"
+        );
+        assert_eq!(
+            decode(line.as_bytes()).1.unwrap_err().reason,
+            FailReason::Invalid
+        );
+    }
+
+    #[test]
+    fn unpaired_surrogates_are_named() {
+        let cases = [
+            (r#"{"op":"get","key":"\ud800"}"#, Some(r"\ud800")),
+            (r#"{"op":"get","key":"a\uDC00b"}"#, Some(r"\uDC00")),
+            (
+                r#"{"op":"get","key":"\ud83d\ude00\ud83d"}"#,
+                Some(r"\ud83d"),
+            ),
+            (r#"{"op":"get","key":"\\ud800"}"#, None),
+            (r#"{"op":"get","key":"\ud83d\ude00"}"#, None),
+        ];
+        for (line, escape) in cases {
+            let got = decode(line.as_bytes()).1;
+            match escape {
+                Some(e) => assert_eq!(
+                    got.unwrap_err(),
+                    Failure::new(
+                        FailReason::Invalid,
+                        format!(
+                            "field \"key\" is not valid Unicode: {e} is an unpaired UTF-16 surrogate"
+                        )
+                    ),
+                    "{line}"
+                ),
+                None => assert!(got.is_ok(), "{line}: {got:?}"),
+            }
+        }
+        let (_, got) = decode(br#"{"op":"put","key":"k","value":"\udfff"}"#);
+        assert!(got
+            .unwrap_err()
+            .message
+            .starts_with("field \"value\" is not valid Unicode"));
+    }
+
+    #[test]
+    fn a_long_unknown_op_is_quoted_cut_short() {
+        let op = "x".repeat(10_000);
+        let line = format!(r#"{{"op":"{op}"}}"#);
+        let got = decode(line.as_bytes()).1.unwrap_err();
+        assert_eq!(got.reason, FailReason::UnknownOp);
+        assert_eq!(
+            got.message,
+            format!(
+                "unknown op \"{}\"...: expected ping, put, get or delete",
+                "x".repeat(MAX_OP_ECHO_CHARS)
+            )
+        );
     }
 
     #[test]

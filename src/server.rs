@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::connection::{self, Connection, Frame, PeerStream};
 use crate::handler::Handler;
 use crate::peers::Peers;
+use crate::protocol;
 use crate::storage::Storage;
 use crate::telemetry::DenyReason;
 
@@ -184,7 +185,7 @@ async fn serve<S: Storage, IO: PeerStream>(
         out.clear();
         match frame {
             Ok(Frame::Line) => {
-                if conn.line().iter().all(u8::is_ascii_whitespace) {
+                if protocol::is_blank(conn.line()) {
                     continue;
                 }
                 handler.handle(conn.line(), &mut out).await;

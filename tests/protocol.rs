@@ -444,6 +444,69 @@ fn framing_crlf_blank_lines_and_split_writes() {
     );
 }
 
+/// Issue #15, item 8: a form feed is not blank, an unpaired surrogate is
+/// named as such, and an id is echoed only up to 256 bytes.
+#[test]
+fn form_feeds_unpaired_surrogates_and_oversized_ids_get_clear_errors() {
+    let agent = Agent::start();
+    let mut peer = agent.connect();
+    let id_256 = format!(r#""{}""#, "i".repeat(254));
+    let id_257 = format!(r#""{}""#, "i".repeat(255));
+    let nested = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let ping_256 = format!(r#"{{"id":{id_256},"op":"ping"}}"#);
+    let ping_256_reply = format!(r#"{{"id":{id_256},"ok":true}}"#);
+    let ping_257 = format!(r#"{{"id":{id_257},"op":"ping"}}"#);
+    let ping_nested = format!(r#"{{"id":{nested},"op":"ping"}}"#);
+    let not_json = r#"{"ok":false,"error":"invalid JSON: expected value at line 1 column 1"}"#;
+    let cases: Vec<(&str, &str)> = vec![
+        // Only spaces, tabs and \r make a line blank: other control
+        // characters are a message, which is not JSON.
+        ("\x0c", not_json),
+        ("\x0b", not_json),
+        (
+            " \x0c\t",
+            r#"{"ok":false,"error":"invalid JSON: expected value at line 1 column 2"}"#,
+        ),
+        (
+            r#"{"id":1,"op":"get","key":"\ud800"}"#,
+            r#"{"id":1,"ok":false,"error":"field \"key\" is not valid Unicode: \\ud800 is an unpaired UTF-16 surrogate"}"#,
+        ),
+        (
+            r#"{"id":2,"op":"put","key":"k","value":"a\udc00"}"#,
+            r#"{"id":2,"ok":false,"error":"field \"value\" is not valid Unicode: \\udc00 is an unpaired UTF-16 surrogate"}"#,
+        ),
+        // A pair is a character.
+        (
+            r#"{"id":3,"op":"put","key":"\ud83d\ude00","value":"v"}"#,
+            r#"{"id":3,"ok":true}"#,
+        ),
+        (
+            r#"{"id":4,"op":"get","key":"\ud83d\ude00"}"#,
+            r#"{"id":4,"ok":true,"value":"v"}"#,
+        ),
+        (&ping_256, &ping_256_reply),
+        (
+            &ping_257,
+            r#"{"ok":false,"error":"field \"id\" is 257 bytes, the limit is 256"}"#,
+        ),
+        (
+            &ping_nested,
+            r#"{"ok":false,"error":"field \"id\" is 20000 bytes, the limit is 256"}"#,
+        ),
+    ];
+    assert_replies(&mut peer, &cases);
+
+    let text = agent.scrape();
+    let failed = |reason: &str| sample(&text, MESSAGES_FAILED_TOTAL, &[("reason", reason)]);
+    assert_eq!(failed("parse"), Some(3.0), "{text}");
+    assert_eq!(failed("invalid"), Some(4.0), "{text}");
+    assert_eq!(
+        sample(&text, MESSAGES_RECEIVED_TOTAL, &[]),
+        Some((cases.len() * 2) as f64),
+        "{text}"
+    );
+}
+
 #[test]
 fn replies_are_counted_in_metrics() {
     let agent = Agent::start();

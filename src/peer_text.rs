@@ -1,0 +1,100 @@
+//! Peer-supplied bytes on their way to a log, and warnings a misbehaving
+//! peer could otherwise repeat without end.
+//!
+//! A peer controls what it sends: written verbatim, its bytes could forge
+//! log lines, smuggle terminal escape sequences to whoever reads the log, or
+//! fill the disk (a peer answering with a 1 MiB line once produced 100 MB of
+//! log in 10 s). So only a short, escaped preview is ever logged, and
+//! repeated warnings about one peer are throttled.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+/// Most bytes of peer input shown in a log line.
+pub const PREVIEW_BYTES: usize = 200;
+
+/// At most the first [`PREVIEW_BYTES`] of `bytes`, with everything but
+/// printable ASCII escaped (`\x1b`, `\n`, `\xff`, ...), and the total length
+/// when cut: safe to log whatever the peer sent.
+pub fn preview(bytes: &[u8]) -> String {
+    let shown = &bytes[..bytes.len().min(PREVIEW_BYTES)];
+    let mut text = shown.escape_ascii().to_string();
+    if shown.len() < bytes.len() {
+        let _ = write!(text, "... ({} bytes)", bytes.len());
+    }
+    text
+}
+
+/// Lets a warning through at most once per period; the next one that gets
+/// through says how many were held back (those go to debug level).
+#[derive(Debug)]
+pub struct Throttle {
+    /// Shortest time between two warnings.
+    period: Duration,
+    /// When the last warning got through.
+    last: Option<Instant>,
+    /// Warnings held back since then.
+    held_back: u64,
+}
+
+impl Throttle {
+    pub fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// Whether a warning may be logged now: `Some(held back since the last
+    /// one)`, or None when it must be held back.
+    pub fn allow(&mut self) -> Option<u64> {
+        self.allow_at(Instant::now())
+    }
+
+    fn allow_at(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.period => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preview_escapes_and_truncates() {
+        assert_eq!(preview(b"{\"ok\":true}"), r#"{\"ok\":true}"#);
+        assert_eq!(
+            preview(b"\x1b[31mred\x1b[0m\r\n\xff\xfe\0"),
+            r"\x1b[31mred\x1b[0m\r\n\xff\xfe\x00"
+        );
+        let junk = vec![0x1bu8; 1 << 20];
+        let shown = preview(&junk);
+        assert!(shown.starts_with(r"\x1b\x1b"));
+        assert!(shown.ends_with("... (1048576 bytes)"), "{shown}");
+        assert_eq!(shown.len(), PREVIEW_BYTES * 4 + "... (1048576 bytes)".len());
+        assert!(shown.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+    }
+
+    #[test]
+    fn throttle_lets_one_through_per_period_and_counts_the_rest() {
+        let period = Duration::from_secs(60);
+        let mut t = Throttle::new(period);
+        let t0 = Instant::now();
+        assert_eq!(t.allow_at(t0), Some(0));
+        assert_eq!(t.allow_at(t0 + Duration::from_secs(1)), None);
+        assert_eq!(t.allow_at(t0 + Duration::from_secs(59)), None);
+        assert_eq!(t.allow_at(t0 + period), Some(2));
+        assert_eq!(t.allow_at(t0 + period), None);
+        assert_eq!(t.allow_at(t0 + 3 * period), Some(1));
+    }
+}
