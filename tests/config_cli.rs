@@ -38,6 +38,7 @@ const BAD_FILES: &[(&str, &str)] = &[
     ("metrics:\n  port: abc\n", "metrics.port: "),
     ("metrics:\n  path: metrics\n", "metrics.path: "),
     ("metrics:\n  path: /health\n", "metrics.path: "),
+    ("metrics:\n  path: /ready\n", "metrics.path: "),
     ("metrics:\n  prot: 8080\n", "metrics.prot: unknown key"),
     ("metrics:\n  address: not-an-ip\n", "metrics.address: "),
     ("storage:\n  backend: postgres\n", "storage.backend: "),

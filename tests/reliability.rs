@@ -8,7 +8,8 @@
 //! 4. Redis outages under load;
 //! 5. `kill -9` under concurrent writes loses no acknowledged put;
 //! 6. SIGTERM under load: answers what it read, exits 0 in time, loses nothing;
-//! 7. process CPU and memory metrics agree with /proc under load.
+//! 7. process CPU and memory metrics agree with /proc under load;
+//! 8. `/ready` and `agent_storage_up` follow Redis without traffic.
 //!
 //! Each test prints its figures (`cargo test --test reliability -- --nocapture`).
 
@@ -1874,5 +1875,79 @@ fn process_metrics_match_proc_under_cpu_load() {
         "process_cpu_usage {reported:.1}% vs /proc {truth:.1}%"
     );
     assert!(mem_ok, "process_memory_bytes vs VmRSS: {mem:?}");
+    assert_no_panic(&agent);
+}
+
+// ---------------------------------------------------------------------------
+// 8. Readiness
+// ---------------------------------------------------------------------------
+
+/// Polls `/ready` until it answers `status`; returns how long that took and
+/// the body.
+fn wait_ready_status(agent: &Agent, status: u16) -> (Duration, String) {
+    let start = Instant::now();
+    let mut last = None;
+    let ok = wait_until(|| {
+        let resp = agent.http_get("/ready");
+        let hit = resp.status == status;
+        last = Some(resp);
+        hit
+    });
+    assert!(
+        ok,
+        "/ready never answered {status}: {last:?}\n{}",
+        agent.log()
+    );
+    (start.elapsed(), last.unwrap().body)
+}
+
+/// Lines of the agent's log that contain `needle`.
+fn log_lines(agent: &Agent, needle: &str) -> usize {
+    agent.log().lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn ready_follows_redis_without_traffic() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let up = [("backend", "redis")];
+    let agent = redis_agent(&redis);
+    assert_eq!(agent.http_get("/ready").status, 200);
+    assert_eq!(value(&agent.scrape(), "agent_storage_up", &up), 1.0);
+
+    redis.stop();
+    let (noticed, body) = wait_ready_status(&agent, 503);
+    assert!(body.starts_with("Redis unreachable: "), "{body:?}");
+    assert_eq!(value(&agent.scrape(), "agent_storage_up", &up), 0.0);
+    assert_eq!(agent.http_get("/health").status, 200);
+    // An agent started meanwhile is not ready from the start.
+    let late = redis_agent(&redis);
+    assert_eq!(late.http_get("/ready").status, 503);
+    assert_eq!(value(&late.scrape(), "agent_storage_up", &up), 0.0);
+
+    redis.restart();
+    let (back, _) = wait_ready_status(&agent, 200);
+    wait_ready_status(&late, 200);
+    assert_eq!(value(&agent.scrape(), "agent_storage_up", &up), 1.0);
+    assert_eq!(value(&late.scrape(), "agent_storage_up", &up), 1.0);
+    assert_eq!(
+        log_lines(&agent, "storage is not usable"),
+        1,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        log_lines(&agent, "storage is usable again"),
+        1,
+        "{}",
+        agent.log()
+    );
+    println!(
+        "[ready] Redis killed: /ready 503 after {:.0} ms; restarted: /ready 200 after {:.0} ms \
+         (no peer traffic; PING every 1 s)",
+        ms(noticed),
+        ms(back)
+    );
     assert_no_panic(&agent);
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Storage, StorageError};
+use super::{Health, Storage, StorageError};
 use crate::config::BackendKind;
 
 const TABLE: TableDefinition<&str, &str> = TableDefinition::new("kv");
@@ -138,6 +138,7 @@ fn next_batch<R>(rx: &Mutex<mpsc::Receiver<R>>, batch: &mut Vec<R>) -> bool {
 pub struct LocalStore {
     writes: BatchQueue<WriteRequest>,
     reads: BatchQueue<ReadRequest>,
+    health: Health,
 }
 
 fn backend_err(e: impl std::fmt::Display) -> StorageError {
@@ -173,7 +174,11 @@ impl LocalStore {
         let reads = BatchQueue::start("agent-db-reader", READERS, move |batch| {
             read_batch(&db, batch)
         })?;
-        Ok(Self { writes, reads })
+        Ok(Self {
+            writes,
+            reads,
+            health: Health::new(BackendKind::Local),
+        })
     }
 }
 
@@ -241,6 +246,10 @@ fn commit_batch(db: &Database, batch: &[WriteRequest]) -> Result<Vec<bool>, Stri
 impl Storage for LocalStore {
     fn backend(&self) -> BackendKind {
         BackendKind::Local
+    }
+
+    fn health(&self) -> &Health {
+        &self.health
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {

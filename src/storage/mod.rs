@@ -3,14 +3,18 @@
 //!
 //! The agent holds an `Instrumented<AnyBackend>`: the wrapper records the
 //! storage metrics for whatever backend it wraps, so a new backend is
-//! measured the same way without a line of metrics code of its own.
+//! measured the same way without a line of metrics code of its own. Each
+//! backend keeps a [`Health`]: whether it can serve right now, which
+//! `/ready` and `agent_storage_up` report.
 
+mod health;
 mod instrumented;
 mod local;
 mod redis;
 
 use std::future::Future;
 
+pub use self::health::{Health, HealthObserver};
 pub use self::instrumented::Instrumented;
 pub use self::local::LocalStore;
 pub use self::redis::RedisStore;
@@ -20,10 +24,13 @@ use crate::config::{BackendKind, StorageConfig};
 /// Why a storage operation failed. The text is sent to the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The backend did not answer in time (Redis).
     #[error("storage timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// The backend cannot serve now: unreachable, reopening, failed or closed.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The backend answered with an error.
     #[error("storage failed: {0}")]
     Backend(String),
 }
@@ -33,6 +40,8 @@ pub enum StorageError {
 pub trait Storage: Send + Sync + 'static {
     /// The `backend` metric label.
     fn backend(&self) -> BackendKind;
+    /// Whether the store can serve right now.
+    fn health(&self) -> &Health;
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<String>, StorageError>> + Send;
     fn put(&self, key: &str, value: &str) -> impl Future<Output = Result<(), StorageError>> + Send;
     /// Returns whether the key existed.
@@ -64,6 +73,13 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.backend(),
             AnyBackend::Redis(s) => s.backend(),
+        }
+    }
+
+    fn health(&self) -> &Health {
+        match self {
+            AnyBackend::Local(s) => s.health(),
+            AnyBackend::Redis(s) => s.health(),
         }
     }
 

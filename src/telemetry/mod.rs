@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ExporterKind, MetricsConfig, Resolved};
 
 pub use clock::{DurationHistogram, Start};
-pub use defs::{MessageMetrics, PeerMetrics, StorageOpMetrics, METRICS};
+pub use defs::{MessageMetrics, PeerMetrics, StorageHealthMetrics, StorageOpMetrics, METRICS};
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
 
@@ -102,13 +102,14 @@ pub async fn install(
 }
 
 /// Starts the background work of an installed exporter: the HTTP endpoint
-/// for Prometheus (process metrics are read at each scrape), the process
-/// sampler for DogStatsD.
+/// for Prometheus (process metrics are read at each scrape; `ready` answers
+/// `/ready`), the process sampler for DogStatsD.
 pub fn spawn(
     installed: Installed,
     cfg: &MetricsConfig,
     resolved: &Resolved,
     cancel: &CancellationToken,
+    ready: http::ReadyCheck,
 ) {
     match installed {
         Installed::Disabled => {}
@@ -124,6 +125,7 @@ pub fn spawn(
                 path: cfg.path.clone(),
                 allowed_networks: resolved.allowed_networks.clone(),
                 max_connections: cfg.max_connections,
+                ready,
             };
             tokio::spawn(http::serve(listener, endpoint, cancel.clone()));
         }
