@@ -9,7 +9,8 @@
 //! 5. `kill -9` under concurrent writes loses no acknowledged put;
 //! 6. SIGTERM under load: answers what it read, exits 0 in time, loses nothing;
 //! 7. process CPU and memory metrics agree with /proc under load;
-//! 8. `/ready` and `agent_storage_up` follow Redis without traffic.
+//! 8. `/ready` and `agent_storage_up` follow Redis without traffic;
+//! 9. an empty or foreign database file stops startup and is left alone.
 //!
 //! Each test prints its figures (`cargo test --test reliability -- --nocapture`).
 
@@ -1879,8 +1880,13 @@ fn process_metrics_match_proc_under_cpu_load() {
 }
 
 // ---------------------------------------------------------------------------
-// 8. Readiness
+// 8-9. Readiness, damaged database files
 // ---------------------------------------------------------------------------
+
+/// An agent whose database is `db` (outside its own directory).
+fn agent_on(db: &std::path::Path) -> Agent {
+    start(AgentOptions::default().env("AGENT_STORAGE__LOCAL__PATH", db.display()))
+}
 
 /// Polls `/ready` until it answers `status`; returns how long that took and
 /// the body.
@@ -1950,4 +1956,57 @@ fn ready_follows_redis_without_traffic() {
         ms(back)
     );
     assert_no_panic(&agent);
+}
+
+/// Starts an agent on `db` that must refuse to start: exit 1, one `agent:`
+/// line naming the file and `what`, never "agent ready", no panic.
+fn assert_refuses_to_start(db: &std::path::Path, what: &str) {
+    let mut agent = start(AgentOptions {
+        wait_ready: false,
+        ..AgentOptions::default().env("AGENT_STORAGE__LOCAL__PATH", db.display())
+    });
+    let status = agent.wait_exit();
+    let log = agent.log();
+    assert_eq!(status.code(), Some(1), "{what}:\n{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("agent: ")).collect();
+    assert_eq!(errors.len(), 1, "{what}: one error line:\n{log}");
+    assert!(
+        errors[0].contains(&db.display().to_string()) && errors[0].contains(what),
+        "{what}: {}",
+        errors[0]
+    );
+    assert!(!log.contains("agent ready"), "{what}:\n{log}");
+    assert_no_panic(&agent);
+    println!("[damaged] {}", errors[0]);
+}
+
+#[test]
+fn empty_or_foreign_database_file_refuses_to_start_and_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 0-byte file, as a crash or a careless `> agent.db` leaves it.
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    assert_refuses_to_start(&empty, "is empty");
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+
+    // Not a redb file at all.
+    let foreign = dir.path().join("foreign.db");
+    let text = "this is a text file, not a database\n".repeat(1000);
+    std::fs::write(&foreign, &text).unwrap();
+    assert_refuses_to_start(&foreign, "is not a redb database");
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), text);
+
+    // A path that does not exist is where a new database is created, and it
+    // keeps its data across a restart.
+    let fresh = dir.path().join("new/dir/agent.db");
+    let mut agent = agent_on(&fresh);
+    assert_eq!(agent.connect().put("k", "v")["ok"], true);
+    assert!(agent.terminate().success());
+    let entries: Vec<_> = std::fs::read_dir(fresh.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(entries, ["agent.db"], "no temporary file left");
+    let agent = agent_on(&fresh);
+    assert_eq!(agent.connect().get("k")["value"], "v");
 }

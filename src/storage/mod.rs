@@ -33,6 +33,10 @@ pub enum StorageError {
     /// The backend answered with an error.
     #[error("storage failed: {0}")]
     Backend(String),
+    /// The store could not be opened at startup; the text names the file or
+    /// URL and the cause, and is the whole line the operator sees.
+    #[error("{0}")]
+    Open(String),
 }
 
 /// An async key-value store. Keys are 1 to 1024 bytes of UTF-8 (the protocol
@@ -59,7 +63,8 @@ pub enum AnyBackend {
 
 impl AnyBackend {
     /// Opens the configured backend. A local database that cannot be opened
-    /// is fatal; an unreachable Redis is not (it is retried per operation).
+    /// (or an empty or foreign file in its place) is fatal; an unreachable
+    /// Redis is not (it is retried per operation).
     pub async fn open(cfg: &StorageConfig) -> Result<Self, StorageError> {
         match cfg.backend {
             BackendKind::Local => Ok(AnyBackend::Local(LocalStore::open(&cfg.local.path).await?)),

@@ -124,7 +124,7 @@ fn unreachable(e: &StorageError) -> String {
     match e {
         StorageError::Timeout(t) => format!("Redis did not answer within {t:?}"),
         StorageError::Unavailable(e) => format!("Redis unreachable: {e}"),
-        StorageError::Backend(e) => format!("Redis error: {e}"),
+        StorageError::Backend(e) | StorageError::Open(e) => format!("Redis error: {e}"),
     }
 }
 

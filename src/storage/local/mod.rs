@@ -10,6 +10,8 @@
 //!   what handing each get to tokio's blocking pool cost (most of the CPU
 //!   per message, see docs/performance.md).
 
+mod file;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -146,26 +148,14 @@ fn backend_err(e: impl std::fmt::Display) -> StorageError {
 }
 
 impl LocalStore {
-    /// Opens (or creates) the database at `path`, creating parent directories.
+    /// Opens the database at `path`, or creates it (and its parent
+    /// directories) when nothing exists there. An empty or foreign file is
+    /// refused, never replaced.
     pub async fn open(path: &Path) -> Result<Self, StorageError> {
         let path = path.to_path_buf();
-        let db = tokio::task::spawn_blocking(move || -> Result<Database, StorageError> {
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    StorageError::Unavailable(format!("cannot create {}: {e}", parent.display()))
-                })?;
-            }
-            let db = Database::create(&path).map_err(|e| {
-                StorageError::Unavailable(format!("cannot open {}: {e}", path.display()))
-            })?;
-            // Create the table up front so readers never see it missing.
-            let txn = db.begin_write().map_err(backend_err)?;
-            txn.open_table(TABLE).map_err(backend_err)?;
-            txn.commit().map_err(backend_err)?;
-            Ok(db)
-        })
-        .await
-        .map_err(backend_err)??;
+        let db = tokio::task::spawn_blocking(move || file::open_or_create(&path, TABLE))
+            .await
+            .map_err(|e| StorageError::Open(format!("opening the database failed: {e}")))??;
         let db = Arc::new(db);
         let writer_db = Arc::clone(&db);
         let writes = BatchQueue::start("agent-db-writer", 1, move |batch| {

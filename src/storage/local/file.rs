@@ -1,0 +1,180 @@
+//! The database file: opening it without ever turning an existing file
+//! into an empty store.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use redb::{Database, TableDefinition};
+
+use super::super::StorageError;
+
+fn open_err(path: &Path, what: impl std::fmt::Display) -> StorageError {
+    StorageError::Open(format!("database file {}: {what}", path.display()))
+}
+
+/// Opens the database at `path`. An existing file must be a redb database:
+/// an empty file or any other file is refused, never reinitialised, since
+/// that would silently start an empty store in place of lost data. A new
+/// database is created only where no file exists, and atomically, so a
+/// crash while creating it never leaves a half-written file at `path`.
+pub(super) fn open_or_create(
+    path: &Path,
+    table: TableDefinition<&str, &str>,
+) -> Result<Database, StorageError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => return Err(open_err(path, "is not a regular file")),
+        Ok(meta) if meta.len() == 0 => {
+            return Err(open_err(
+                path,
+                "is empty, not a redb database; refusing to start with an empty store \
+                 (a new database is created only where no file exists: move the file away to start afresh)",
+            ))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => create(path, table)?,
+        Err(e) => return Err(open_err(path, e)),
+    }
+    let db = open_existing(path).map_err(|e| open_err(path, e))?;
+    // Create the table up front so readers never see it missing.
+    let ensure = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        txn.open_table(table)?;
+        txn.commit()?;
+        Ok(())
+    };
+    ensure().map_err(|e| open_err(path, e))?;
+    Ok(db)
+}
+
+/// Opens the existing database at `path`. A panic inside redb, which a
+/// damaged file can cause, is an error here, not a crash.
+fn open_existing(path: &Path) -> Result<Database, String> {
+    match catch_unwind(AssertUnwindSafe(|| Database::open(path))) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(not_a_database(e)),
+        Err(payload) => Err(format!(
+            "is damaged: opening it panicked ({})",
+            payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("no message")
+        )),
+    }
+}
+
+fn not_a_database(e: redb::DatabaseError) -> String {
+    use redb::{DatabaseError, StorageError as Redb};
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => {
+            "is already open in another process (another agent on the same storage.local.path?)"
+                .to_string()
+        }
+        DatabaseError::Storage(Redb::Io(e)) if e.kind() == ErrorKind::InvalidData => {
+            let e = e.to_string();
+            let detail = e.strip_prefix("Not a redb database: ").unwrap_or(&e);
+            format!(
+                "is not a redb database ({detail}); refusing to start, the file is left as it is"
+            )
+        }
+        DatabaseError::Storage(Redb::Corrupted(e)) => format!("is damaged: {e}"),
+        e => format!("cannot be opened: {e}"),
+    }
+}
+
+/// Creates a new, empty database at `path` (which did not exist): builds it
+/// under a temporary name and links it into place, which fails rather than
+/// replace a file that appeared meanwhile.
+fn create(path: &Path, table: TableDefinition<&str, &str>) -> Result<(), StorageError> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| StorageError::Open(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    let tmp = temporary_name(path);
+    let _ = std::fs::remove_file(&tmp);
+    let build = || -> Result<(), redb::Error> {
+        let db = Database::create(&tmp)?;
+        let txn = db.begin_write()?;
+        txn.open_table(table)?;
+        txn.commit()?;
+        Ok(())
+    };
+    let created = build().map_err(|e| open_err(path, format_args!("cannot be created: {e}")));
+    let linked = created.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(()),
+        // Someone else created it meanwhile: open theirs.
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        // A filesystem without hard links: rename, which is atomic too but
+        // would replace a file created in the last instant.
+        Err(_) => std::fs::rename(&tmp, path)
+            .map_err(|e| open_err(path, format_args!("cannot be created: {e}"))),
+    });
+    let _ = std::fs::remove_file(&tmp);
+    linked?;
+    // Make the new name durable before the first acknowledged write.
+    if let Some(dir) = parent
+        .map(Path::to_path_buf)
+        .or_else(|| Some(PathBuf::from(".")))
+    {
+        if let Ok(dir) = File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// `.<name>.creating` next to `path`.
+fn temporary_name(path: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(".creating");
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: TableDefinition<&str, &str> = TableDefinition::new("kv");
+
+    #[test]
+    fn refuses_empty_and_foreign_files_and_leaves_them_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        let err = open_or_create(&empty, TABLE).err().unwrap().to_string();
+        assert!(
+            err.contains("empty.db") && err.contains("is empty"),
+            "{err}"
+        );
+        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+
+        let foreign = dir.path().join("foreign.db");
+        std::fs::write(&foreign, vec![b'x'; 10_000]).unwrap();
+        let err = open_or_create(&foreign, TABLE).err().unwrap().to_string();
+        assert!(
+            err.contains("foreign.db") && err.contains("is not a redb database"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&foreign).unwrap(), vec![b'x'; 10_000]);
+
+        let err = open_or_create(dir.path(), TABLE).err().unwrap().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn creates_only_where_nothing_exists_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/new.db");
+        let db = open_or_create(&path, TABLE).unwrap();
+        drop(db);
+        let entries: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, vec![std::ffi::OsString::from("new.db")]);
+    }
+}
