@@ -192,7 +192,7 @@ pub const METRICS: &[MetricDef] = &[
         AGENT_STORAGE_PANICS_TOTAL,
         Kind::Counter,
         Some(Unit::Count),
-        "Panics caught in storage threads.",
+        "Panics caught in storage threads; the local store refuses service after one.",
         &["backend"],
     ),
     agent(
