@@ -56,7 +56,9 @@ pub async fn run(
     let backend = AnyBackend::open(&config.storage, &resolved.redis_url).await?;
     tracing::info!(backend = backend.backend().as_str(), "storage ready");
     let handler = Arc::new(Handler::new(Instrumented::new(backend)));
-    telemetry::spawn(installed, &config.metrics, &resolved, &cancel);
+    let health = handler.storage().health().clone();
+    let ready = Arc::new(move || health.readiness());
+    telemetry::spawn(installed, &config.metrics, &resolved, &cancel, ready);
 
     let peers = Peers::new();
     let tracker = TaskTracker::new();

@@ -444,10 +444,14 @@ impl Config {
                 format!("{:?} must start with '/'", self.metrics.path),
             ));
         }
-        if self.metrics.path == crate::telemetry::http::HEALTH_PATH {
+        use crate::telemetry::http::{HEALTH_PATH, READY_PATH};
+        if [HEALTH_PATH, READY_PATH].contains(&self.metrics.path.as_str()) {
             return Err(invalid(
                 "metrics.path",
-                format!("{:?} is reserved for the health check", self.metrics.path),
+                format!(
+                    "{:?} is reserved for the health and readiness checks",
+                    self.metrics.path
+                ),
             ));
         }
         let allowed_networks =
@@ -780,6 +784,8 @@ mod tests {
             ("metrics:\n  port: 0\n", "metrics.port"),
             ("metrics:\n  address: not-an-ip\n", "metrics.address"),
             ("metrics:\n  path: metrics\n", "metrics.path"),
+            ("metrics:\n  path: /health\n", "metrics.path"),
+            ("metrics:\n  path: /ready\n", "metrics.path"),
             (
                 "metrics:\n  allowed_networks: [\"10.0.0.0/33\"]\n",
                 "metrics.allowed_networks[0]",

@@ -131,6 +131,7 @@ fn hash_password() -> ExitCode {
 
 fn run(config: Config, resolved: agent::config::Resolved) -> ExitCode {
     init_logging(&config);
+    log_panics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -182,6 +183,34 @@ fn init_logging(config: &Config) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Sends panics to the log as one error line naming the thread and the
+/// place, instead of raw text on stderr, so they reach journald or a JSON
+/// log like any other error. Storage threads catch their panics and carry
+/// on (docs/reliability.md); this line says where it happened.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("panic with a non-text payload");
+        let thread = std::thread::current();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        let thread = thread.name().unwrap_or("unnamed");
+        // Captured only when RUST_BACKTRACE asks for it, as the default hook does.
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(thread, location, %backtrace, "thread panicked: {message}");
+        } else {
+            tracing::error!(thread, location, "thread panicked: {message}");
+        }
+    }));
 }
 
 /// The signals the agent handles. Once registered, a signal no longer takes

@@ -46,6 +46,7 @@ const BAD_FILES: &[(&str, &str)] = &[
         "log:\n  level: verbose\n",
         "log.level: \"verbose\" is not a level",
     ),
+    ("metrics:\n  path: /ready\n", "metrics.path: "),
     ("metrics:\n  address: not-an-ip\n", "metrics.address: "),
     ("storage:\n  backend: postgres\n", "storage.backend: "),
     (

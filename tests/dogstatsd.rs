@@ -64,6 +64,10 @@ fn expected() -> Counts {
             0.0,
         );
     }
+    want.insert(
+        series_key("agent_storage_panics_total", &[("backend", "local")]),
+        0.0,
+    );
     for reason in REASONS {
         let n = if reason == "unknown_op" {
             UNKNOWN_OPS

@@ -793,7 +793,20 @@ fn health_answers_ok_other_paths_404_and_metrics_path_is_configurable() {
     let agent = Agent::start();
     let health = agent.http_get("/health");
     assert_eq!((health.status, health.body.as_str()), (200, "OK\n"));
-    for path in ["/", "/nope", "/metrics/", "/metricsx", "/health/x"] {
+    let ready = agent.http_get("/ready");
+    assert_eq!((ready.status, ready.body.as_str()), (200, "OK\n"));
+    assert_eq!(
+        http_request(agent.metrics_addr, "HEAD", "/ready"),
+        (200, String::new())
+    );
+    for path in [
+        "/",
+        "/nope",
+        "/metrics/",
+        "/metricsx",
+        "/health/x",
+        "/ready/x",
+    ] {
         let resp = agent.http_get(path);
         assert_eq!(
             (resp.status, resp.body.as_str()),
@@ -820,6 +833,7 @@ fn health_answers_ok_other_paths_404_and_metrics_path_is_configurable() {
     );
     assert_eq!(custom.http_get("/metrics").status, 404);
     assert_eq!(custom.http_get("/health").status, 200);
+    assert_eq!(custom.http_get("/ready").status, 200);
 }
 
 /// Runs the binary with free peer and storage settings to its exit.

@@ -1,14 +1,17 @@
 //! The one place storage metrics are recorded, for any backend.
 
 use std::future::Future;
+use std::sync::Arc;
 
-use super::{Storage, StorageError};
+use super::{Health, HealthObserver, Storage, StorageError};
 use crate::config::BackendKind;
-use crate::telemetry::StorageOpMetrics;
+use crate::telemetry::{StorageHealthMetrics, StorageOpMetrics};
 
 /// Wraps a [`Storage`] and records `storage_operations_total`,
 /// `storage_operation_errors_total` and `storage_operation_duration_seconds`
-/// for every operation, labelled with the wrapped backend.
+/// for every operation, labelled with the wrapped backend; and, through an
+/// observer on the backend's [`Health`], `agent_storage_up` and
+/// `agent_storage_panics_total`.
 pub struct Instrumented<S> {
     inner: S,
     get: StorageOpMetrics,
@@ -17,9 +20,13 @@ pub struct Instrumented<S> {
 }
 
 impl<S: Storage> Instrumented<S> {
-    /// Creates the metric handles against the recorder installed now.
+    /// Creates the metric handles against the recorder installed now, and
+    /// starts recording the backend's health (its current state at once).
     pub fn new(inner: S) -> Self {
         let backend = inner.backend().as_str();
+        inner
+            .health()
+            .observe(Arc::new(HealthMetrics(StorageHealthMetrics::new(backend))));
         Self {
             get: StorageOpMetrics::new("get", backend),
             put: StorageOpMetrics::new("put", backend),
@@ -30,6 +37,19 @@ impl<S: Storage> Instrumented<S> {
 
     pub fn inner(&self) -> &S {
         &self.inner
+    }
+}
+
+/// Records what the backend's health reports.
+struct HealthMetrics(StorageHealthMetrics);
+
+impl HealthObserver for HealthMetrics {
+    fn availability(&self, up: bool) {
+        self.0.up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    fn panicked(&self) {
+        self.0.panics.increment(1);
     }
 }
 
@@ -50,6 +70,10 @@ async fn measured<T>(
 impl<S: Storage> Storage for Instrumented<S> {
     fn backend(&self) -> BackendKind {
         self.inner.backend()
+    }
+
+    fn health(&self) -> &Health {
+        self.inner.health()
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {
@@ -73,21 +97,25 @@ impl<S: Storage> Storage for Instrumented<S> {
 mod tests {
     use super::*;
     use crate::telemetry::defs::{
-        STORAGE_OPERATIONS_TOTAL, STORAGE_OPERATION_DURATION_SECONDS,
-        STORAGE_OPERATION_ERRORS_TOTAL,
+        AGENT_STORAGE_PANICS_TOTAL, AGENT_STORAGE_UP, STORAGE_OPERATIONS_TOTAL,
+        STORAGE_OPERATION_DURATION_SECONDS, STORAGE_OPERATION_ERRORS_TOTAL,
     };
-    use crate::test_support::{counter, histogram_count};
+    use crate::test_support::{counter, gauge, histogram_count};
     use metrics_util::debugging::DebuggingRecorder;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     /// A backend whose failures the test switches on and off.
     struct Flaky {
         fail: AtomicBool,
+        health: Health,
     }
 
     impl Storage for Flaky {
         fn backend(&self) -> BackendKind {
             BackendKind::Redis
+        }
+        fn health(&self) -> &Health {
+            &self.health
         }
         async fn get(&self, _key: &str) -> Result<Option<String>, StorageError> {
             self.result(None)
@@ -118,6 +146,7 @@ mod tests {
         let store = metrics::with_local_recorder(&recorder, || {
             Instrumented::new(Flaky {
                 fail: AtomicBool::new(false),
+                health: Health::new(BackendKind::Redis),
             })
         });
         for _ in 0..3 {
@@ -160,5 +189,32 @@ mod tests {
             histogram_count(&snap, STORAGE_OPERATION_DURATION_SECONDS, &labels("delete")),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn records_health_transitions_and_panics_of_the_backend() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let health = Health::new(BackendKind::Redis);
+        let store = metrics::with_local_recorder(&recorder, || {
+            Instrumented::new(Flaky {
+                fail: AtomicBool::new(false),
+                health: health.clone(),
+            })
+        });
+        let backend = [("backend", "redis")];
+        let snap = snapshotter.snapshot().into_vec();
+        assert_eq!(gauge(&snap, AGENT_STORAGE_UP, &backend), 1.0);
+        assert_eq!(counter(&snap, AGENT_STORAGE_PANICS_TOTAL, &backend), 0);
+
+        store.health().set_down("Redis unreachable");
+        let snap = snapshotter.snapshot().into_vec();
+        assert_eq!(gauge(&snap, AGENT_STORAGE_UP, &backend), 0.0);
+        health.set_up();
+        health.record_panic();
+        health.record_panic();
+        let snap = snapshotter.snapshot().into_vec();
+        assert_eq!(gauge(&snap, AGENT_STORAGE_UP, &backend), 1.0);
+        assert_eq!(counter(&snap, AGENT_STORAGE_PANICS_TOTAL, &backend), 2);
     }
 }

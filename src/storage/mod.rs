@@ -3,14 +3,18 @@
 //!
 //! The agent holds an `Instrumented<AnyBackend>`: the wrapper records the
 //! storage metrics for whatever backend it wraps, so a new backend is
-//! measured the same way without a line of metrics code of its own.
+//! measured the same way without a line of metrics code of its own. Each
+//! backend keeps a [`Health`]: whether it can serve right now, which
+//! `/ready` and `agent_storage_up` report.
 
+mod health;
 mod instrumented;
 mod local;
 mod redis;
 
 use std::future::Future;
 
+pub use self::health::{Health, HealthObserver};
 pub use self::instrumented::Instrumented;
 pub use self::local::LocalStore;
 pub use self::redis::RedisStore;
@@ -20,12 +24,19 @@ use crate::config::{BackendKind, SecretUrl, StorageConfig};
 /// Why a storage operation failed. The text is sent to the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The backend did not answer in time (Redis).
     #[error("storage timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// The backend cannot serve now: unreachable, reopening, failed or closed.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The backend answered with an error.
     #[error("storage failed: {0}")]
     Backend(String),
+    /// The store could not be opened at startup; the text names the file or
+    /// URL and the cause, and is the whole line the operator sees.
+    #[error("{0}")]
+    Open(String),
 }
 
 /// An async key-value store. Keys are 1 to 1024 bytes of UTF-8 (the protocol
@@ -33,6 +44,8 @@ pub enum StorageError {
 pub trait Storage: Send + Sync + 'static {
     /// The `backend` metric label.
     fn backend(&self) -> BackendKind;
+    /// Whether the store can serve right now.
+    fn health(&self) -> &Health;
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<String>, StorageError>> + Send;
     fn put(&self, key: &str, value: &str) -> impl Future<Output = Result<(), StorageError>> + Send;
     /// Returns whether the key existed.
@@ -50,9 +63,9 @@ pub enum AnyBackend {
 
 impl AnyBackend {
     /// Opens the configured backend. A local database that cannot be opened
-    /// is fatal; an unreachable Redis is not (it is retried per operation).
-    /// `redis_url` is the Redis URL with its password applied (see
-    /// [`crate::config::Resolved::redis_url`]).
+    /// (or an empty or foreign file in its place) is fatal; an unreachable
+    /// Redis is not (it is retried per operation). `redis_url` is the Redis
+    /// URL with its password applied (see [`crate::config::Resolved::redis_url`]).
     pub async fn open(cfg: &StorageConfig, redis_url: &SecretUrl) -> Result<Self, StorageError> {
         match cfg.backend {
             BackendKind::Local => Ok(AnyBackend::Local(LocalStore::open(&cfg.local.path).await?)),
@@ -68,6 +81,13 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.backend(),
             AnyBackend::Redis(s) => s.backend(),
+        }
+    }
+
+    fn health(&self) -> &Health {
+        match self {
+            AnyBackend::Local(s) => s.health(),
+            AnyBackend::Redis(s) => s.health(),
         }
     }
 

@@ -4,19 +4,31 @@
 //! still starts; it connects on first use and reconnects after an outage.
 //! Every command is bounded by `storage.redis.timeout`, so an outage turns
 //! into prompt error replies instead of stuck peers.
+//!
+//! Health: an operation that cannot reach Redis marks the store down at
+//! once; a PING every [`PROBE_INTERVAL`] marks it down or up, so readiness
+//! follows Redis on an idle agent too, and comes back only once Redis
+//! answers (a flapping connection does not flap readiness per request).
 
 use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Storage, StorageError};
+use super::{Health, Storage, StorageError};
 use crate::config::{BackendKind, RedisConfig, SecretUrl};
+
+/// How often Redis is pinged for the store's health.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
+    health: Health,
+    /// Stops the health probe when the store is closed or dropped.
+    probe: std::sync::Mutex<Option<DropGuard>>,
 }
 
 impl RedisStore {
@@ -34,28 +46,43 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let store = Self {
+        // Pinged outside `Self::bounded`, which would log the outage as a
+        // transition: the warning below says it once, at the right level.
+        let mut first = conn.clone();
+        let health = match bounded(cfg.timeout, async move {
+            redis::cmd("PING").query_async::<String>(&mut first).await
+        })
+        .await
+        {
+            Ok(_) => {
+                tracing::info!(%url, "connected to Redis");
+                Health::new(BackendKind::Redis)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    %url,
+                    error = %e,
+                    "Redis is unreachable; starting anyway, operations fail until it is back"
+                );
+                Health::starting_down(BackendKind::Redis, &unreachable(&e))
+            }
+        };
+        let mut store = Self {
             conn,
             prefix: cfg.key_prefix.clone(),
             timeout: cfg.timeout,
+            health,
+            probe: std::sync::Mutex::new(None),
         };
-        match store.ping().await {
-            Ok(()) => tracing::info!(%url, "connected to Redis"),
-            Err(e) => tracing::warn!(
-                %url,
-                error = %e,
-                "Redis is unreachable; starting anyway, operations fail until it is back"
-            ),
-        }
+        let cancel = CancellationToken::new();
+        tokio::spawn(probe(
+            store.conn.clone(),
+            store.timeout,
+            store.health.clone(),
+            cancel.clone(),
+        ));
+        store.probe = std::sync::Mutex::new(Some(cancel.drop_guard()));
         Ok(store)
-    }
-
-    /// Round-trips a PING, bounded by the timeout.
-    pub async fn ping(&self) -> Result<(), StorageError> {
-        let mut conn = self.conn.clone();
-        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
-            .await
-            .map(|_| ())
     }
 
     fn key(&self, key: &str) -> String {
@@ -69,16 +96,65 @@ impl RedisStore {
         &self,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StorageError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(StorageError::Timeout(self.timeout)),
-            Ok(Err(e)) if e.is_timeout() => Err(StorageError::Timeout(self.timeout)),
-            Ok(Err(e))
-                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() =>
-            {
-                Err(StorageError::Unavailable(e.to_string()))
-            }
-            Ok(Err(e)) => Err(StorageError::Backend(e.to_string())),
-            Ok(Ok(v)) => Ok(v),
+        let result = bounded(self.timeout, fut).await;
+        if let Err(e @ (StorageError::Timeout(_) | StorageError::Unavailable(_))) = &result {
+            self.health.set_down(&unreachable(e));
+        }
+        result
+    }
+}
+
+/// Runs `fut` within `timeout`, sorting Redis errors into ours.
+async fn bounded<T>(
+    timeout: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StorageError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => Err(StorageError::Timeout(timeout)),
+        Ok(Err(e)) if e.is_timeout() => Err(StorageError::Timeout(timeout)),
+        Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
+            Err(StorageError::Unavailable(e.to_string()))
+        }
+        Ok(Err(e)) => Err(StorageError::Backend(e.to_string())),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+/// The readiness reason for a failed PING or operation.
+fn unreachable(e: &StorageError) -> String {
+    match e {
+        StorageError::Timeout(t) => format!("Redis did not answer within {t:?}"),
+        StorageError::Unavailable(e) => format!("Redis unreachable: {e}"),
+        StorageError::Backend(e) | StorageError::Open(e) => format!("Redis error: {e}"),
+    }
+}
+
+/// Pings Redis every [`PROBE_INTERVAL`] until cancelled: the store is up
+/// exactly when the last PING was answered (or an operation failed since).
+async fn probe(
+    conn: ConnectionManager,
+    timeout: Duration,
+    health: Health,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut conn = conn.clone();
+        let ping = bounded(timeout, async move {
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        });
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = ping => result,
+        };
+        match result {
+            Ok(_) => health.set_up(),
+            Err(e) => health.set_down(&unreachable(&e)),
         }
     }
 }
@@ -86,6 +162,10 @@ impl RedisStore {
 impl Storage for RedisStore {
     fn backend(&self) -> BackendKind {
         BackendKind::Redis
+    }
+
+    fn health(&self) -> &Health {
+        &self.health
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {
@@ -128,5 +208,8 @@ impl Storage for RedisStore {
 
     async fn close(&self) {
         // Nothing buffered: every acknowledged write was already answered by Redis.
+        if let Ok(mut probe) = self.probe.lock() {
+            probe.take();
+        }
     }
 }

@@ -25,6 +25,8 @@ pub const MESSAGE_PROCESSING_DURATION_SECONDS: &str = "message_processing_durati
 pub const STORAGE_OPERATIONS_TOTAL: &str = "storage_operations_total";
 pub const STORAGE_OPERATION_ERRORS_TOTAL: &str = "storage_operation_errors_total";
 pub const STORAGE_OPERATION_DURATION_SECONDS: &str = "storage_operation_duration_seconds";
+pub const AGENT_STORAGE_UP: &str = "agent_storage_up";
+pub const AGENT_STORAGE_PANICS_TOTAL: &str = "agent_storage_panics_total";
 pub const AGENT_BUILD_INFO: &str = "agent_build_info";
 
 /// Upper bounds in seconds, from a local read (tens of microseconds) to a
@@ -212,6 +214,20 @@ pub const METRICS: &[MetricDef] = &[
         &["operation", "backend"],
     ),
     agent(
+        AGENT_STORAGE_UP,
+        Kind::Gauge,
+        None,
+        "1 when the storage backend can serve requests, 0 when it cannot; /ready says why.",
+        &["backend"],
+    ),
+    agent(
+        AGENT_STORAGE_PANICS_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Panics caught in storage threads; the local store refuses service after one.",
+        &["backend"],
+    ),
+    agent(
         AGENT_BUILD_INFO,
         Kind::Gauge,
         None,
@@ -375,6 +391,23 @@ impl DenyReason {
             DenyReason::TlsBadCertificate => "tls_bad_certificate",
             DenyReason::TlsTimeout => "tls_timeout",
             DenyReason::TlsError => "tls_error",
+        }
+    }
+}
+
+/// Handles for one backend's health: `agent_storage_up` and
+/// `agent_storage_panics_total`.
+#[derive(Clone)]
+pub struct StorageHealthMetrics {
+    pub up: Gauge,
+    pub panics: Counter,
+}
+
+impl StorageHealthMetrics {
+    pub fn new(backend: &'static str) -> Self {
+        Self {
+            up: metrics::gauge!(AGENT_STORAGE_UP, "backend" => backend),
+            panics: metrics::counter!(AGENT_STORAGE_PANICS_TOTAL, "backend" => backend),
         }
     }
 }

@@ -4,7 +4,8 @@
 //! connection cap, so a few thousand half-open connections would hold the
 //! agent's file descriptors until peers could no longer connect, and it
 //! answers every path. This server serves the agent's exposition with
-//! those limits, `metrics.path` for metrics, `/health`, and 404 elsewhere.
+//! those limits, `metrics.path` for metrics, `/health` (liveness), `/ready`
+//! (readiness: whether storage is usable), and 404 elsewhere.
 //! When the connection cap is reached the oldest connection that has not
 //! completed a request is evicted, so idle connections cannot lock out a
 //! scraper; idle and incomplete connections close after the header-read timeout.
@@ -40,6 +41,11 @@ use super::{Exposition, HttpMetrics};
 use crate::server::{accept, allowed};
 
 pub const HEALTH_PATH: &str = "/health";
+/// 200 when storage is usable, 503 with the reason when it is not.
+pub const READY_PATH: &str = "/ready";
+
+/// Answers `/ready`: `Ok` when the agent can serve, else a one-line reason.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// Prometheus text exposition format 0.0.4; Prometheus 3 rejects a scrape
 /// without a valid Content-Type.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -63,6 +69,8 @@ pub struct Endpoint {
     pub auth: Option<BasicAuth>,
     /// 401s and failed handshakes.
     pub metrics: HttpMetrics,
+    /// What `/ready` reports.
+    pub ready: ReadyCheck,
 }
 
 impl Endpoint {
@@ -136,6 +144,14 @@ impl Endpoint {
                 resp
             }
             HEALTH_PATH => plain(StatusCode::OK, "OK\n"),
+            READY_PATH => match (self.ready)() {
+                Ok(()) => plain(StatusCode::OK, "OK\n"),
+                Err(reason) => {
+                    let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, "");
+                    *resp.body_mut() = Full::new(Bytes::from(format!("{reason}\n")));
+                    resp
+                }
+            },
             _ => plain(StatusCode::NOT_FOUND, "Not Found\n"),
         }
     }

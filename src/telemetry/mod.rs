@@ -22,7 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ExporterKind, MetricsConfig, Resolved};
 
 pub use clock::{DurationHistogram, Start};
-pub use defs::{DenyReason, HttpMetrics, MessageMetrics, PeerMetrics, StorageOpMetrics, METRICS};
+pub use defs::{
+    DenyReason, HttpMetrics, MessageMetrics, PeerMetrics, StorageHealthMetrics, StorageOpMetrics,
+    METRICS,
+};
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
 
@@ -104,13 +107,14 @@ pub async fn install(
 }
 
 /// Starts the background work of an installed exporter: the HTTP endpoint
-/// for Prometheus (process metrics are read at each scrape), the process
-/// sampler for DogStatsD.
+/// for Prometheus (process metrics are read at each scrape; `ready` answers
+/// `/ready`), the process sampler for DogStatsD.
 pub fn spawn(
     installed: Installed,
     cfg: &MetricsConfig,
     resolved: &Resolved,
     cancel: &CancellationToken,
+    ready: http::ReadyCheck,
 ) {
     match installed {
         Installed::Disabled => {}
@@ -139,6 +143,7 @@ pub fn spawn(
                     .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.server))),
                 auth: auth::BasicAuth::new(resolved.web.users.clone()),
                 metrics: HttpMetrics::new(),
+                ready,
             };
             if !resolved.web.users.is_empty() && resolved.web.tls.is_none() {
                 tracing::warn!(
