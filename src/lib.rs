@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+pub mod throttle;
 
 #[cfg(test)]
 pub(crate) mod test_support;

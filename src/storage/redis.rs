@@ -22,10 +22,14 @@ use crate::config::{BackendKind, RedisConfig, SecretUrl};
 /// How often Redis is pinged for the store's health.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Handle to Redis; cheap to share.
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// `storage.redis.key_prefix`, prepended to every key.
     prefix: String,
+    /// `storage.redis.timeout`, the bound on every command.
     timeout: Duration,
+    /// Down on a connection error or a failed PING, up on an answered PING.
     health: Health,
     /// Stops the health probe when the store is closed or dropped.
     probe: std::sync::Mutex<Option<DropGuard>>,

@@ -46,6 +46,7 @@ pub const READY_PATH: &str = "/ready";
 
 /// Answers `/ready`: `Ok` when the agent can serve, else a one-line reason.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Prometheus text exposition format 0.0.4; Prometheus 3 rejects a scrape
 /// without a valid Content-Type.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

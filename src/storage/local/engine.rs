@@ -5,10 +5,12 @@
 //!   acknowledges it only if the path still names the file it wrote to.
 //! - Readers answer a batch of gets from one read transaction.
 //! - A failed commit (a full disk, an I/O error) leaves redb refusing every
-//!   later write on that handle ("Previous I/O error occurred. Please close
-//!   and re-open the database."). The store keeps the handle for reads, and
-//!   retries writes on a reopened database: after a full disk once the
-//!   filesystem has room again, otherwise with exponential backoff. The
+//!   later write on that handle, and every read of a page it has not cached
+//!   ("Previous I/O error occurred. Please close and re-open the
+//!   database."). The store reopens the database at once, so gets go on
+//!   reading the file, and retries writes on the new handle: after a full
+//!   disk once the filesystem has room again, otherwise with exponential
+//!   backoff. Until then puts are refused without touching the disk. The
 //!   watchdog probes when no writes come, so readiness recovers on an idle
 //!   agent too.
 //! - A damaged file, a panic in a storage thread, or the file deleted or
@@ -42,27 +44,35 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 /// still-full disk would only fail again.
 pub(super) const MIN_FREE_BYTES: u64 = 1024 * 1024;
 
+/// What a write request asks for.
 pub(super) enum WriteOp {
+    /// Key and value.
     Put(String, String),
+    /// Key.
     Delete(String),
     /// Proves that writes work again; sent by the watchdog while retrying.
     Probe,
 }
 
+/// A queued write and where its answer goes.
 pub(super) struct WriteRequest {
     pub op: WriteOp,
     /// `true` when a deleted key existed; always `true` for puts.
     pub reply: Reply<bool>,
 }
 
+/// A queued get and where its answer goes.
 pub(super) struct ReadRequest {
     pub key: String,
+    /// The value, or `None` when the key does not exist.
     pub reply: Reply<Option<String>>,
 }
 
 /// Whether writes are being accepted.
 enum Mode {
+    /// Serving reads and writes.
     Up,
+    /// Writes failed: refused until a retry succeeds; reads go on.
     Retrying(Retry),
     /// For good: nothing is served until restart.
     Failed,
@@ -160,11 +170,14 @@ pub(super) struct Engine {
     /// The open database. Readers hold the read lock for a batch; a reopen
     /// takes the write lock. `None` when a reopen failed, or after close.
     db: RwLock<Option<Database>>,
+    /// Changed by the writer (and by readers that meet a fault); read by the
+    /// watchdog.
     mode: Mutex<Mode>,
     /// `mode` is `Failed`: the readers' check, without the lock.
     failed: AtomicBool,
     /// A probe is queued; the watchdog does not queue another.
     probe_queued: AtomicBool,
+    /// What `/ready` and `agent_storage_up` report.
     pub health: Health,
 }
 
@@ -265,14 +278,20 @@ impl Engine {
                 .begin_read()
                 .map_err(fault)
                 .and_then(|txn| txn.open_table(TABLE).map_err(fault));
-            for req in batch.drain(..) {
-                let result = match &table {
+            // Every answer first, then the replies: should redb panic, no
+            // request has left the batch yet, so no caller learns of the
+            // panic (and sends the next request) before the store acts on it.
+            let results: Vec<_> = batch
+                .iter()
+                .map(|req| match &table {
                     Ok(table) => table
                         .get(req.key.as_str())
                         .map(|v| v.map(|v| v.value().to_owned()))
                         .map_err(fault),
                     Err(f) => Err(f.clone()),
-                };
+                })
+                .collect();
+            for (req, result) in batch.drain(..).zip(results) {
                 if let Err(f) = &result {
                     if !matches!(seen, Some(Fault::Damaged(_))) {
                         seen = Some(f.clone());

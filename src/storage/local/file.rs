@@ -18,7 +18,9 @@ use super::queue::panic_message;
 /// the inode cannot be freed and reused while it compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct FileId {
+    /// `st_dev`: the filesystem.
     dev: u64,
+    /// `st_ino`: the file within it.
     ino: u64,
 }
 
@@ -33,6 +35,7 @@ impl FileId {
 
 /// An open database and the identity of its file.
 pub(super) struct Opened {
+    /// The database handle.
     pub db: Database,
     /// A descriptor of our own on the file (redb's is not reachable): it pins
     /// the inode, so [`FileId`] comparisons cannot be fooled by reuse.
@@ -83,7 +86,7 @@ pub(super) struct OpenError {
     /// The file is damaged (redb found corruption, or panicked on it):
     /// reopening it again would not help.
     pub damaged: bool,
-    /// Completes "database file <path> ...".
+    /// Completes "database file <path> ..." (lowercase, no path).
     pub message: String,
 }
 

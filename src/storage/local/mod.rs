@@ -34,9 +34,13 @@ const READERS: usize = 2;
 
 /// Handle to the local database; cheap to share.
 pub struct LocalStore {
+    /// State shared with the threads.
     engine: Arc<Engine>,
+    /// One writer thread: group commits.
     writes: BatchQueue<WriteRequest>,
+    /// [`READERS`] reader threads: batched gets.
     reads: BatchQueue<ReadRequest>,
+    /// Stopped first at close, since it holds a sender to `writes`.
     watchdog: Mutex<Watchdog>,
 }
 

@@ -23,9 +23,14 @@ const MAX_BATCH: usize = 1024;
 /// Where a queued request's answer goes.
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
-/// Closing lets the threads drain the queue and exit.
+/// Closing lets the threads drain the queue and exit. `serve` must not take
+/// a request out of the batch before the work that may panic is done:
+/// a request dropped while unwinding would fail its caller before
+/// `on_panic` has run.
 pub(super) struct BatchQueue<R> {
+    /// `None` once closed: new requests are refused.
     tx: Mutex<Option<mpsc::Sender<R>>>,
+    /// Joined at close.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -162,9 +167,15 @@ mod tests {
             "test-queue",
             1,
             |batch: &mut Vec<Req>| {
-                for req in batch.drain(..) {
-                    assert_ne!(req.n, 13, "unlucky");
-                    let _ = req.reply.send(Ok(req.n * 2));
+                let answers: Vec<u64> = batch
+                    .iter()
+                    .map(|req| {
+                        assert_ne!(req.n, 13, "unlucky");
+                        req.n * 2
+                    })
+                    .collect();
+                for (req, answer) in batch.drain(..).zip(answers) {
+                    let _ = req.reply.send(Ok(answer));
                 }
             },
             move |thread, message| {
@@ -176,8 +187,8 @@ mod tests {
         .unwrap();
         let err = queue.call(|reply| Req { n: 13, reply }).await.unwrap_err();
         assert!(err.to_string().contains("panicked"), "{err}");
+        assert_eq!(panics.load(Ordering::Relaxed), 1, "on_panic ran first");
         assert_eq!(queue.call(|reply| Req { n: 4, reply }).await.unwrap(), 8);
-        assert_eq!(panics.load(Ordering::Relaxed), 1);
         queue.close().await;
         assert!(queue.call(|reply| Req { n: 1, reply }).await.is_err());
     }

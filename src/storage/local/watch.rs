@@ -17,7 +17,9 @@ pub(super) const TICK: Duration = Duration::from_millis(250);
 
 /// Stops the thread when dropped or closed.
 pub(super) struct Watchdog {
+    /// Dropping it wakes the thread and makes it exit.
     stop: Option<mpsc::Sender<()>>,
+    /// Taken by `stop`, for the caller to join.
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
