@@ -87,6 +87,7 @@ pub async fn run(
             .as_ref()
             .map(|tls| Arc::clone(&tls.client)),
     };
+    peers.configured(config.network.peers.len());
     for addr in &config.network.peers {
         tracker.spawn(peers::maintain(
             addr.clone(),

@@ -43,6 +43,11 @@ impl Peers {
         self.metrics.rejected.increment(1);
     }
 
+    /// Sets `agent_peers_configured`: how many outbound peers are configured.
+    pub fn configured(&self, n: usize) {
+        self.metrics.configured.set(n as f64);
+    }
+
     /// Counts an inbound connection closed before any request was read.
     pub fn denied(&self, reason: DenyReason) {
         self.metrics.denied(reason).increment(1);

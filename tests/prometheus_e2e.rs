@@ -127,7 +127,12 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     if require_bin("prometheus").is_none() {
         return;
     }
-    let agent = Agent::start();
+    // One configured peer that never answers: AgentNoPeers must go pending
+    // (it fires only where peers are expected).
+    let agent = Agent::start_with(AgentOptions::default().env(
+        "AGENT_NETWORK__PEERS",
+        format!("[127.0.0.1:{}]", free_port()),
+    ));
     // Prometheus 3 refuses a scrape without a valid Content-Type.
     let resp = agent.http_get("/metrics");
     assert_eq!(resp.status, 200);
@@ -258,7 +263,8 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     assert!(p99.is_finite() && p99 > 0.0 && p99 <= 10.0, "p99 = {p99}");
 
     // The installed alerts evaluate against the real series without errors:
-    // the agent has no peers (AgentNoPeers pending, for: 10m), it is up and
+    // the agent has a peer configured and none connected (AgentNoPeers
+    // pending, for: 10m, with the targets file's env label), it is up and
     // scraped (AgentDown and AgentTargetsMissing inactive), its storage is
     // usable (AgentStorageDown inactive).
     let alerts_yml =
@@ -301,6 +307,10 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     let alert = &pending["alerts"][0];
     assert_eq!(alert["labels"]["instance"], instance.as_str(), "{pending}");
     assert_eq!(alert["labels"]["severity"], "warning", "{pending}");
+    assert_eq!(
+        alert["labels"]["env"], "e2e",
+        "routing labels kept: {pending}"
+    );
 }
 
 #[test]

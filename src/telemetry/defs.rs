@@ -15,6 +15,7 @@ pub const PROCESS_CPU_USAGE: &str = "process_cpu_usage";
 pub const PROCESS_MEMORY_BYTES: &str = "process_memory_bytes";
 pub const AGENT_PEERS_CONNECTED: &str = "agent_peers_connected";
 pub const AGENT_CONNECTIONS_REJECTED_TOTAL: &str = "agent_connections_rejected_total";
+pub const AGENT_PEERS_CONFIGURED: &str = "agent_peers_configured";
 pub const AGENT_PEER_CONNECTIONS_DENIED_TOTAL: &str = "agent_peer_connections_denied_total";
 pub const AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL: &str = "agent_http_requests_unauthorized_total";
 pub const AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL: &str = "agent_http_tls_handshake_failures_total";
@@ -134,6 +135,13 @@ pub const METRICS: &[MetricDef] = &[
         Kind::Gauge,
         Some(Unit::Count),
         "Open peer connections, inbound plus outbound.",
+        &[],
+    ),
+    agent(
+        AGENT_PEERS_CONFIGURED,
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Outbound peers in network.peers: where AgentNoPeers expects connections.",
         &[],
     ),
     agent(
@@ -416,6 +424,7 @@ impl StorageHealthMetrics {
 #[derive(Clone)]
 pub struct PeerMetrics {
     pub connected: Gauge,
+    pub configured: Gauge,
     pub rejected: Counter,
     denied: [Counter; DenyReason::ALL.len()],
 }
@@ -424,6 +433,7 @@ impl PeerMetrics {
     pub fn new() -> Self {
         Self {
             connected: metrics::gauge!(AGENT_PEERS_CONNECTED),
+            configured: metrics::gauge!(AGENT_PEERS_CONFIGURED),
             rejected: metrics::counter!(AGENT_CONNECTIONS_REJECTED_TOTAL),
             denied: DenyReason::ALL.map(
                 |r| metrics::counter!(AGENT_PEER_CONNECTIONS_DENIED_TOTAL, "reason" => r.as_str()),
