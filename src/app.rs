@@ -1,8 +1,9 @@
 //! Startup and shutdown: wires configuration, metrics, storage, the peer
 //! listener and outbound peers together, and tears them down in order.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -13,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Resolved};
 use crate::handler::Handler;
 use crate::peers::{self, DialPolicy, Peers};
+use crate::reload::{changed_keys, Reload, LIVE_KEYS};
 use crate::server::{PeerTlsAcceptor, Server};
 use crate::storage::{AnyBackend, Instrumented, Storage, StorageError};
 use crate::telemetry::{self, TelemetryError};
@@ -40,6 +42,7 @@ pub async fn run(
     config: Config,
     resolved: Resolved,
     shutdown: impl Future<Output = ()>,
+    reload: Reload,
 ) -> Result<(), StartupError> {
     tracing::info!(node = %config.node_id(), version = env!("CARGO_PKG_VERSION"), "starting agent");
     raise_fd_limit();
@@ -58,7 +61,15 @@ pub async fn run(
     let handler = Arc::new(Handler::new(Instrumented::new(backend)));
     let health = handler.storage().health().clone();
     let ready = Arc::new(move || health.readiness());
-    telemetry::spawn(installed, &config.metrics, &resolved, &cancel, ready);
+    let metrics_networks = Arc::new(RwLock::new(resolved.allowed_networks.clone()));
+    telemetry::spawn(
+        installed,
+        &config.metrics,
+        &resolved,
+        &cancel,
+        ready,
+        Arc::clone(&metrics_networks),
+    );
 
     let peers = Peers::new();
     let tracker = TaskTracker::new();
@@ -87,15 +98,16 @@ pub async fn run(
             .as_ref()
             .map(|tls| Arc::clone(&tls.client)),
     };
-    peers.configured(config.network.peers.len());
-    for addr in &config.network.peers {
-        tracker.spawn(peers::maintain(
-            addr.clone(),
-            policy.clone(),
-            peers.clone(),
-            cancel.clone(),
-        ));
-    }
+    let mut live = Live {
+        config,
+        dialers: HashMap::new(),
+        policy,
+        peers: peers.clone(),
+        tracker: tracker.clone(),
+        cancel: cancel.clone(),
+        metrics_networks,
+    };
+    live.dial(live.config.network.peers.clone());
     tracing::info!("agent ready");
     // systemd's Type=notify: started means listening, storage open. Without
     // NOTIFY_SOCKET (not under systemd) this does nothing.
@@ -103,7 +115,14 @@ pub async fn run(
         tracing::warn!(error = %e, "cannot notify systemd that the agent is ready");
     }
 
-    shutdown.await;
+    let mut reload = reload;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reload.requests.recv() => live.reload(&reload),
+        }
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: no new connections, answering requests already read");
     cancel.cancel();
@@ -117,6 +136,96 @@ pub async fn run(
     handler.storage().close().await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The running configuration, and what a reload can change while serving.
+struct Live {
+    /// What the agent runs with: keys that need a restart keep their old
+    /// value here, so the next reload names them again.
+    config: Config,
+    /// One task per outbound peer, stopped through its token.
+    dialers: HashMap<String, CancellationToken>,
+    policy: DialPolicy,
+    peers: Peers,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    metrics_networks: Arc<RwLock<Vec<ipnet::IpNet>>>,
+}
+
+impl Live {
+    /// Starts keeping `addrs` connected (those not already dialled).
+    fn dial(&mut self, addrs: Vec<String>) {
+        for addr in addrs {
+            if self.dialers.contains_key(&addr) {
+                continue;
+            }
+            let token = self.cancel.child_token();
+            self.tracker.spawn(peers::maintain(
+                addr.clone(),
+                self.policy.clone(),
+                self.peers.clone(),
+                token.clone(),
+            ));
+            self.dialers.insert(addr, token);
+        }
+        self.peers.configured(self.dialers.len());
+    }
+
+    /// Reloads the configuration (SIGHUP); see [`crate::reload`].
+    fn reload(&mut self, reload: &Reload) {
+        tracing::info!("received SIGHUP: reloading the configuration");
+        let new = match reload.load() {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
+                return;
+            }
+        };
+        let changed = changed_keys(&self.config, &new);
+        let (live, restart): (Vec<&String>, Vec<&String>) = changed
+            .iter()
+            .partition(|k| LIVE_KEYS.contains(&k.as_str()));
+        for key in &live {
+            match key.as_str() {
+                "log.level" => match (reload.set_log_level)(&new.log.level) {
+                    Ok(()) => self.config.log.level = new.log.level.clone(),
+                    Err(why) => tracing::warn!(%why, "log.level not applied"),
+                },
+                "network.peers" => {
+                    let wanted = &new.network.peers;
+                    self.dialers.retain(|addr, token| {
+                        let keep = wanted.contains(addr);
+                        if !keep {
+                            tracing::info!(peer = %addr, "peer removed from network.peers; disconnecting");
+                            token.cancel();
+                        }
+                        keep
+                    });
+                    self.dial(wanted.clone());
+                    self.config.network.peers = wanted.clone();
+                }
+                "metrics.allowed_networks" => match new.validate() {
+                    Ok(resolved) => {
+                        *self
+                            .metrics_networks
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner()) = resolved.allowed_networks;
+                        self.config.metrics.allowed_networks = new.metrics.allowed_networks.clone();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "metrics.allowed_networks not applied"),
+                },
+                _ => {}
+            }
+        }
+        for key in &restart {
+            tracing::warn!(key = %key, "changed in the configuration; restart the agent to apply it");
+        }
+        tracing::info!(
+            applied = ?live,
+            need_restart = ?restart,
+            "configuration reloaded"
+        );
+    }
 }
 
 /// Says once, at startup, when the peer port is open to anyone who can

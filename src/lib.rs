@@ -18,6 +18,7 @@ pub mod handler;
 pub mod peer_text;
 pub mod peers;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

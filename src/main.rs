@@ -78,7 +78,7 @@ fn main() -> ExitCode {
             print!("{}", config.to_yaml());
             ExitCode::SUCCESS
         }
-        Command::Run => run(config, resolved),
+        Command::Run => run(config, resolved, cli.config),
         Command::HashPassword | Command::Completions { .. } | Command::Man => {
             unreachable!("handled before the configuration is loaded")
         }
@@ -129,8 +129,12 @@ fn hash_password() -> ExitCode {
     }
 }
 
-fn run(config: Config, resolved: agent::config::Resolved) -> ExitCode {
-    init_logging(&config);
+fn run(
+    config: Config,
+    resolved: agent::config::Resolved,
+    config_file: Option<PathBuf>,
+) -> ExitCode {
+    let set_log_level = init_logging(&config);
     log_panics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -155,7 +159,18 @@ fn run(config: Config, resolved: agent::config::Resolved) -> ExitCode {
             }
         }
     };
-    let result = runtime.block_on(agent::app::run(config, resolved, signals.shutdown()));
+    let (hup, requests) = tokio::sync::mpsc::channel(1);
+    let reload = agent::reload::Reload {
+        config_file,
+        requests,
+        set_log_level,
+    };
+    let result = runtime.block_on(agent::app::run(
+        config,
+        resolved,
+        signals.shutdown(hup),
+        reload,
+    ));
     // Connections that ignored the drain deadline must not hold up the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
@@ -168,9 +183,12 @@ fn run(config: Config, resolved: agent::config::Resolved) -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
+/// Installs the log subscriber; returns how to change `log.level` later
+/// (a configuration reload).
+fn init_logging(config: &Config) -> agent::reload::SetLogLevel {
     use tracing_subscriber::EnvFilter;
     // RUST_LOG, when set, wins over log.level (validated at load).
+    let from_env = std::env::var_os("RUST_LOG").is_some();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -179,9 +197,24 @@ fn init_logging(config: &Config) {
         .with_writer(std::io::stderr)
         // Colour codes only for a terminal, never into journald or files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // The handle's type depends on the format, hence one closure per format.
+    macro_rules! setter {
+        ($builder:expr) => {{
+            let builder = $builder;
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level: &str| {
+                if from_env {
+                    return Err("RUST_LOG is set, and wins over log.level".to_string());
+                }
+                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            }) as agent::reload::SetLogLevel
+        }};
+    }
     match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => setter!(builder.with_filter_reloading()),
+        LogFormat::Json => setter!(builder.json().with_filter_reloading()),
     }
 }
 
@@ -219,6 +252,8 @@ fn log_panics() {
 struct Signals {
     term: Signal,
     int: Signal,
+    /// Reloads the configuration.
+    hup: Signal,
     /// Logged and otherwise ignored; the agent has no use for them.
     ignored: [(&'static str, Signal); 3],
 }
@@ -229,6 +264,7 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
             ignored: [
                 ("SIGUSR1", signal(SignalKind::user_defined1())?),
                 ("SIGUSR2", signal(SignalKind::user_defined2())?),
@@ -237,13 +273,19 @@ impl Signals {
         })
     }
 
-    /// Resolves on SIGTERM or SIGINT, logging each ignored signal meanwhile.
-    async fn shutdown(mut self) {
+    /// Resolves on SIGTERM or SIGINT, passing each SIGHUP on to `reload`
+    /// and logging each ignored signal meanwhile.
+    async fn shutdown(mut self, reload: tokio::sync::mpsc::Sender<()>) {
         let [(usr1, s1), (usr2, s2), (quit, s3)] = &mut self.ignored;
         loop {
             let (name, stop) = tokio::select! {
                 _ = self.term.recv() => ("SIGTERM", true),
                 _ = self.int.recv() => ("SIGINT", true),
+                _ = self.hup.recv() => {
+                    // A reload already queued covers this one too.
+                    let _ = reload.try_send(());
+                    continue;
+                }
                 _ = s1.recv() => (*usr1, false),
                 _ = s2.recv() => (*usr2, false),
                 _ = s3.recv() => (*quit, false),

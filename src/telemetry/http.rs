@@ -42,6 +42,9 @@ use crate::server::{accept, allowed};
 
 pub const HEALTH_PATH: &str = "/health";
 /// 200 when storage is usable, 503 with the reason when it is not.
+/// An allow-list the configuration reload can replace while serving.
+pub type SharedNetworks = Arc<std::sync::RwLock<Vec<IpNet>>>;
+
 pub const READY_PATH: &str = "/ready";
 
 /// Answers `/ready`: `Ok` when the agent can serve, else a one-line reason.
@@ -62,7 +65,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 pub struct Endpoint {
     pub exposition: Exposition,
     pub path: String,
-    pub allowed_networks: Vec<IpNet>,
+    /// `metrics.allowed_networks`; replaced on a configuration reload.
+    pub allowed_networks: SharedNetworks,
     pub max_connections: usize,
     /// HTTPS, from the web config file; None serves plain HTTP.
     pub tls: Option<TlsAcceptor>,
@@ -76,7 +80,11 @@ pub struct Endpoint {
 
 impl Endpoint {
     fn allows(&self, ip: IpAddr) -> bool {
-        allowed(&self.allowed_networks, ip)
+        let networks = self
+            .allowed_networks
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        allowed(&networks, ip)
     }
 
     /// Answers one request, and counts it when it is for `metrics.path`.

@@ -115,6 +115,7 @@ pub fn spawn(
     resolved: &Resolved,
     cancel: &CancellationToken,
     ready: http::ReadyCheck,
+    allowed_networks: http::SharedNetworks,
 ) {
     match installed {
         Installed::Disabled => {}
@@ -134,7 +135,7 @@ pub fn spawn(
                     process: ProcessCollector::new(cfg.process_interval),
                 },
                 path: cfg.path.clone(),
-                allowed_networks: resolved.allowed_networks.clone(),
+                allowed_networks,
                 max_connections: cfg.max_connections,
                 tls: resolved
                     .web
