@@ -114,6 +114,17 @@ fn keys_spread_over_every_master_with_exact_counts() {
         assert_eq!(cluster.dbsize(shard.master), 0);
     }
 
+    // A {tag} in the key places it by the tag alone (Redis hash tags).
+    let tagged = shards.iter().find(|s| s.serves("user7")).unwrap().master;
+    for key in ["{user7}:a", "b:{user7}"] {
+        assert_eq!(peer.put(key, "tagged")["ok"], true);
+        assert_eq!(
+            cluster.command(tagged, &["GET", &format!("agent:{key}")]),
+            "tagged"
+        );
+        assert_eq!(peer.delete(key)["deleted"], true);
+    }
+
     // Without the password the cluster refuses the agent: error replies.
     let anon = cluster_agent(&cluster, &[]);
     let reply = anon.connect().put("k0", "v");
@@ -124,9 +135,9 @@ fn keys_spread_over_every_master_with_exact_counts() {
     );
 
     let text = agent.scrape();
-    assert_eq!(storage_counts(&text, "put"), (KEYS as f64, 0.0));
+    assert_eq!(storage_counts(&text, "put"), ((KEYS + 2) as f64, 0.0));
     assert_eq!(storage_counts(&text, "get"), ((KEYS + 1) as f64, 0.0));
-    assert_eq!(storage_counts(&text, "delete"), ((KEYS + 1) as f64, 0.0));
+    assert_eq!(storage_counts(&text, "delete"), ((KEYS + 3) as f64, 0.0));
     assert_eq!(
         sample(&text, MESSAGES_FAILED_TOTAL, &[("reason", "storage")]),
         Some(0.0)
@@ -241,6 +252,8 @@ struct LoadStats {
     put_errors: usize,
     gets: usize,
     get_errors: usize,
+    /// Keys of the failed operations, with their error.
+    failed: Vec<(String, String)>,
 }
 
 /// A peer that puts `t<thread>-<n>` = `v<n>` and reads it back, over and
@@ -271,12 +284,14 @@ fn load(
             } else {
                 assert!(storage_error(&reply), "{reply}");
                 stats.put_errors += 1;
+                stats.failed.push((key.clone(), reply["error"].to_string()));
             }
             let reply = peer.get(&key);
             stats.gets += 1;
             if reply["ok"] != true {
                 assert!(storage_error(&reply), "{reply}");
                 stats.get_errors += 1;
+                stats.failed.push((key.clone(), reply["error"].to_string()));
             }
             // Steady load, not a saturating one: the machine is shared.
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -387,6 +402,22 @@ fn master_killed_under_load_fails_over_without_restart() {
     assert!(
         put_errors + probe_errors > 0,
         "the kill was never noticed: the test did not exercise a failover"
+    );
+    // Which keys failed, and how: the failed master's, and (while the
+    // cluster as a whole reports CLUSTERDOWN) the others'.
+    let (on_victim, elsewhere): (Vec<_>, Vec<_>) = stats
+        .iter()
+        .flat_map(|s| &s.failed)
+        .partition(|(k, _)| victim.serves(&format!("agent:{k}")));
+    let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, e) in stats.iter().flat_map(|s| &s.failed) {
+        *reasons.entry(e.as_str()).or_default() += 1;
+    }
+    eprintln!(
+        "failed load operations: {} on the failed master's slots, {} on other masters' ({:?}); by error: {reasons:?}",
+        on_victim.len(),
+        elsewhere.len(),
+        elsewhere.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>()
     );
 
     // Every write acknowledged and replicated before the kill is readable;
@@ -573,4 +604,66 @@ fn check_config_validates_node_urls_and_redacts_their_passwords() {
         "{log}"
     );
     assert!(!log.contains("hunter2"), "{log}");
+}
+
+/// What docs/protocol.md says of acknowledged writes, shown: replication
+/// is asynchronous, so a put (or delete) acknowledged by a master that dies
+/// before its replica has the write is lost when the replica takes over. The replica
+/// is cut off (paused, its link closed by the master) so that it
+/// deterministically misses the write.
+#[test]
+fn acknowledged_writes_are_lost_when_the_master_dies_before_its_replica_has_them() {
+    let Some(mut cluster) = RedisCluster::start(None) else {
+        return;
+    };
+    let agent = cluster_agent(
+        &cluster,
+        &[("AGENT_STORAGE__REDIS_CLUSTER__TIMEOUT", "500ms")],
+    );
+    let shard = cluster.shards()[0].clone();
+    let mut on_shard = (0..)
+        .map(|i| format!("lost{i}"))
+        .filter(|k| shard.serves(&format!("agent:{k}")));
+    let (key, kept) = (on_shard.next().unwrap(), on_shard.next().unwrap());
+    let mut peer = agent.connect();
+    // Written and replicated: it survives.
+    assert_eq!(peer.put(&kept, "v")["ok"], true);
+    let offset = cluster.master_offset(shard.master);
+    assert!(wait_until(|| cluster
+        .replica_offset(shard.replica)
+        .is_some_and(|o| o >= offset)));
+
+    cluster.signal(shard.replica, libc::SIGSTOP);
+    assert_eq!(
+        cluster.command(shard.master, &["CLIENT", "KILL", "TYPE", "replica"]),
+        ":1"
+    );
+    assert_eq!(
+        peer.put(&key, "acknowledged")["ok"],
+        true,
+        "the master acknowledges the put"
+    );
+    assert_eq!(peer.get(&key)["value"], "acknowledged");
+    assert_eq!(peer.delete(&kept)["deleted"], true);
+    assert_eq!(peer.get(&kept)["value"], serde_json::Value::Null);
+    cluster.kill9(shard.master);
+    cluster.signal(shard.replica, libc::SIGCONT);
+
+    // The replica takes over, without the write.
+    assert!(
+        wait_until(|| cluster.is_master(shard.replica)),
+        "{}",
+        cluster.logs()
+    );
+    let mut last = serde_json::Value::Null;
+    let recovered = wait_until(|| {
+        last = peer.get(&key);
+        last["ok"] == true
+    });
+    assert!(recovered, "{last}");
+    assert_eq!(last["value"], serde_json::Value::Null, "{last}");
+    // The acknowledged delete is undone: the key is back.
+    assert_eq!(peer.get(&kept)["value"], "v");
+    assert_eq!(peer.put(&key, "again")["ok"], true);
+    assert_eq!(peer.get(&key)["value"], "again");
 }

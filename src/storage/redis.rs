@@ -89,7 +89,8 @@ pub(super) async fn bounded<T>(
 
 /// A Redis error as a [`StorageError`]: its own timeout; a connection that
 /// failed, or a cluster with no node reached or no master serving the key
-/// (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`: a single server never gives
+/// (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, or a redirect the cluster
+/// client could not follow during a failover: a single server never gives
 /// these), as unavailable; anything else Redis answered as a failure.
 fn classify(timeout: Duration, e: redis::RedisError) -> StorageError {
     use redis::{ErrorKind, ServerErrorKind};
@@ -100,6 +101,8 @@ fn classify(timeout: Duration, e: redis::RedisError) -> StorageError {
                 ServerErrorKind::ClusterDown
                     | ServerErrorKind::TryAgain
                     | ServerErrorKind::MasterDown
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
             )
     );
     if e.is_timeout() {

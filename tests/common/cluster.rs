@@ -381,6 +381,19 @@ impl RedisCluster {
         }
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT) to the node on `port`.
+    pub fn signal(&self, port: u16, signal: i32) {
+        let pid = self
+            .nodes
+            .iter()
+            .find(|n| n.port == port)
+            .and_then(|n| n.child.as_ref())
+            .map(|c| c.id())
+            .unwrap_or_else(|| panic!("no node running on {port}"));
+        // SAFETY: kill(2) on our own child process.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+    }
+
     fn node_log(&self, i: usize) -> String {
         std::fs::read_to_string(self.nodes[i].dir.join("redis.log")).unwrap_or_default()
     }
