@@ -667,3 +667,77 @@ fn acknowledged_writes_are_lost_when_the_master_dies_before_its_replica_has_them
     assert_eq!(peer.put(&key, "again")["ok"], true);
     assert_eq!(peer.get(&key)["value"], "again");
 }
+
+/// A shard loses both its nodes, so the cluster has no master for its
+/// slots; when the master comes back (same address, its cluster config
+/// kept), the agent's operations succeed again, without a restart.
+#[test]
+fn shard_down_then_back_recovers_without_restart() {
+    let Some(mut cluster) = RedisCluster::start(None) else {
+        return;
+    };
+    let agent = cluster_agent(
+        &cluster,
+        &[("AGENT_STORAGE__REDIS_CLUSTER__TIMEOUT", "500ms")],
+    );
+    let shards = cluster.shards();
+    let lost = shards[0].clone();
+    let key_on = |shard: &common::cluster::Shard| {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| shard.serves(&format!("agent:{k}")))
+            .unwrap()
+    };
+    let (down_key, up_key) = (key_on(&lost), key_on(&shards[1]));
+    let mut peer = agent.connect();
+    assert_eq!(peer.put(&down_key, "before")["ok"], true);
+    assert_eq!(peer.put(&up_key, "before")["ok"], true);
+
+    // The replica first, so that nothing fails over.
+    cluster.kill9(lost.replica);
+    cluster.kill9(lost.master);
+    let mut errors = 0;
+    for _ in 0..3 {
+        let reply = peer.get(&down_key);
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert!(
+            reply["error"].as_str().unwrap().starts_with("storage "),
+            "{reply}"
+        );
+        errors += 1;
+    }
+
+    cluster.restart(lost.master);
+    let mut last = serde_json::Value::Null;
+    let recovered = wait_until(|| {
+        last = peer.put(&down_key, "after");
+        if last["ok"] == true {
+            return true;
+        }
+        assert!(
+            last["error"].as_str().unwrap().starts_with("storage "),
+            "{last}"
+        );
+        errors += 1;
+        false
+    });
+    assert!(recovered, "{last}\n{}", cluster.logs());
+    assert_eq!(peer.get(&down_key)["value"], "after");
+    // The other shard kept its data (it may have refused commands while
+    // the cluster was down as a whole, so read until it answers).
+    let mut up = serde_json::Value::Null;
+    assert!(wait_until(|| {
+        up = peer.get(&up_key);
+        up["ok"] == true || {
+            errors += 1;
+            false
+        }
+    }));
+    assert_eq!(up["value"], "before");
+    let text = agent.scrape();
+    assert_eq!(
+        sample(&text, MESSAGES_FAILED_TOTAL, &[("reason", "storage")]),
+        Some(errors as f64),
+        "{text}"
+    );
+}

@@ -30,7 +30,11 @@ pub struct RedisClusterStore {
     /// Cheap to clone: a handle on the client's one background task, which
     /// owns the node connections and the slot map.
     conn: ClusterConnection,
+    /// `storage.redis_cluster.key_prefix`: keeps the agents' keys apart from
+    /// whatever else the cluster holds.
     prefix: String,
+    /// `storage.redis_cluster.timeout`: no peer waits longer than this for
+    /// an answer, whatever the cluster is doing.
     timeout: Duration,
 }
 

@@ -94,7 +94,7 @@ impl RedisCluster {
     /// --cluster-replicas 1`, and waits until the cluster is healthy.
     pub fn create(&mut self) {
         for i in 0..self.nodes.len() {
-            self.start_node(i);
+            self.start_node(i, true);
         }
         let mut cmd = Command::new(&self.cli);
         if let Some(pw) = &self.password {
@@ -138,10 +138,10 @@ impl RedisCluster {
         self.wait_healthy();
     }
 
-    /// Starts node `i` and waits until it answers; a node that cannot bind
-    /// its ports (taken since `free_port` chose them) is started again on
-    /// fresh ones, which is only possible before the cluster is joined.
-    fn start_node(&mut self, i: usize) {
+    /// Starts node `i` and waits until it answers. With `may_move` (before
+    /// the cluster is joined), a node that cannot bind its ports (taken
+    /// since `free_port` chose them) is started again on fresh ones.
+    fn start_node(&mut self, i: usize, may_move: bool) {
         for attempt in 1.. {
             let node = &self.nodes[i];
             let log = std::fs::File::create(node.dir.join("redis.log")).expect("redis log");
@@ -184,7 +184,7 @@ impl RedisCluster {
             }
             let log = self.node_log(i);
             self.nodes[i].child = None;
-            if attempt < 3 && log.contains("Address already in use") {
+            if may_move && attempt < 3 && log.contains("Address already in use") {
                 self.nodes[i].port = free_port();
                 self.nodes[i].bus_port = free_port();
                 continue;
@@ -379,6 +379,19 @@ impl RedisCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts the node on `port` again after [`RedisCluster::kill9`], on the
+    /// same ports and with its nodes.conf, so it rejoins the cluster with
+    /// the role and slots it had (and no data: nothing is persisted).
+    pub fn restart(&mut self, port: u16) {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on {port}"));
+        assert!(self.nodes[i].child.is_none(), "{port} is running");
+        self.start_node(i, false);
     }
 
     /// Sends `signal` (SIGSTOP, SIGCONT) to the node on `port`.
