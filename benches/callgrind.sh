@@ -8,7 +8,7 @@
 # ratios. Instruction counts do not depend on what else the machine is doing,
 # so this resolves differences far below the ±10% noise of wall-clock runs.
 #
-#   benches/callgrind.sh [--backend local|redis] [--rounds 3] [--messages 50000]
+#   benches/callgrind.sh [--backend local|redis|redis_cluster] [--rounds 3] [--messages 50000]
 #                        [--peers 16] [--mix get=90,put=10,delete=0] [--keys 10000]
 #                        [--max-ratio R] [--compare metrics|tls]
 #

@@ -56,7 +56,7 @@ pub async fn run(
                 addr: resolved.listen,
                 source,
             })?;
-    let backend = AnyBackend::open(&config.storage, &resolved.redis_url).await?;
+    let backend = AnyBackend::open(&config.storage, &resolved).await?;
     tracing::info!(backend = backend.backend().as_str(), "storage ready");
     let handler = Arc::new(Handler::new(Instrumented::new(backend)));
     let health = handler.storage().health().clone();

@@ -149,6 +149,9 @@ pub enum BackendKind {
     #[default]
     Local,
     Redis,
+    /// Redis Cluster, through the `redis` crate's cluster client.
+    #[serde(rename = "redis_cluster")]
+    RedisCluster,
 }
 
 impl BackendKind {
@@ -157,6 +160,7 @@ impl BackendKind {
         match self {
             BackendKind::Local => "local",
             BackendKind::Redis => "redis",
+            BackendKind::RedisCluster => "redis_cluster",
         }
     }
 }
@@ -167,6 +171,7 @@ pub struct StorageConfig {
     pub backend: BackendKind,
     pub local: LocalConfig,
     pub redis: RedisConfig,
+    pub redis_cluster: RedisClusterConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -200,6 +205,37 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379/0".into(),
+            password_file: PathBuf::new(),
+            key_prefix: "agent:".into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `storage.redis_cluster`: a Redis Cluster shared by a fleet of agents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisClusterConfig {
+    /// Seed nodes (`redis://[:password@]host:port`). One reachable seed is
+    /// enough: the client learns the rest of the cluster, and follows its
+    /// changes, from the cluster itself. More seeds let the agent (re)start
+    /// while some nodes are down.
+    pub nodes: Vec<String>,
+    /// A file holding the password of every node, read at startup, as for
+    /// `storage.redis.password_file`. Exclusive with passwords in `nodes`.
+    pub password_file: PathBuf,
+    pub key_prefix: String,
+    /// Bound on every operation, redirects and retries included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisClusterConfig {
+    fn default() -> Self {
+        Self {
+            // No guess at an address: `backend: redis_cluster` requires the
+            // operator to name the cluster.
+            nodes: Vec::new(),
             password_file: PathBuf::new(),
             key_prefix: "agent:".into(),
             timeout: Duration::from_secs(2),
@@ -307,6 +343,9 @@ pub struct Resolved {
     pub web: WebConfig,
     /// `storage.redis.url` with the password from `password_file` applied.
     pub redis_url: SecretUrl,
+    /// `storage.redis_cluster.nodes`, checked, with the password from its
+    /// `password_file` applied to each.
+    pub redis_cluster_nodes: Vec<SecretUrl>,
 }
 
 /// A URL that may hold a password. `Debug` and `Display` redact it, so a
@@ -426,6 +465,13 @@ impl Config {
         if self.storage.redis.timeout.is_zero() {
             return Err(invalid("storage.redis.timeout", "must be greater than 0"));
         }
+        let redis_cluster_nodes = self.redis_cluster_nodes()?;
+        if self.storage.redis_cluster.timeout.is_zero() {
+            return Err(invalid(
+                "storage.redis_cluster.timeout",
+                "must be greater than 0",
+            ));
+        }
         let ip: IpAddr = self.metrics.address.parse().map_err(|_| {
             invalid(
                 "metrics.address",
@@ -485,6 +531,7 @@ impl Config {
             allowed_networks,
             web,
             redis_url,
+            redis_cluster_nodes,
         })
     }
 
@@ -505,48 +552,78 @@ impl Config {
         if redis.password_file.as_os_str().is_empty() {
             return Ok(SecretUrl(redis.url.clone()));
         }
-        let key = "storage.redis.password_file";
-        let mut url = url::Url::parse(&redis.url).map_err(|e| {
-            invalid(
-                "storage.redis.url",
-                format!("cannot apply a password file to this URL: {e}"),
-            )
-        })?;
-        if url.password().is_some()
-            || url
-                .query_pairs()
-                .any(|(k, _)| k == "pass" || k == "password")
-        {
+        let password = read_password_file("storage.redis.password_file", &redis.password_file)?;
+        with_password(
+            "storage.redis.url",
+            &redis.url,
+            "storage.redis.password_file",
+            &password,
+        )
+    }
+
+    /// The Redis Cluster seed nodes to connect with: each URL checked (TCP,
+    /// database 0, one password for all, as the cluster client requires),
+    /// with the password from `storage.redis_cluster.password_file` applied.
+    /// Checked whenever nodes are listed, so a wrong URL is caught before
+    /// the backend is switched over.
+    fn redis_cluster_nodes(&self) -> Result<Vec<SecretUrl>, ConfigError> {
+        let cluster = &self.storage.redis_cluster;
+        if cluster.nodes.is_empty() && self.storage.backend == BackendKind::RedisCluster {
             return Err(invalid(
-                key,
-                "storage.redis.url already holds a password; set one or the other",
+                "storage.redis_cluster.nodes",
+                "must list at least one node (redis://host:port) with backend redis_cluster",
             ));
         }
-        let text = std::fs::read_to_string(&redis.password_file).map_err(|e| {
-            invalid(
-                key,
-                format!("cannot read {}: {e}", redis.password_file.display()),
-            )
-        })?;
-        // One trailing newline is what `echo secret > file` leaves; it is not
-        // part of the password.
-        let password = text.strip_suffix('\n').unwrap_or(&text);
-        let password = password.strip_suffix('\r').unwrap_or(password);
-        if password.is_empty() {
-            return Err(invalid(
-                key,
-                format!("{} is empty", redis.password_file.display()),
-            ));
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let key = format!("storage.redis_cluster.nodes[{i}]");
+            // The URL is not echoed: it may hold a password.
+            let shown = redact_url(node);
+            let info = redis::IntoConnectionInfo::into_connection_info(node.as_str())
+                .map_err(|e| invalid(&key, format!("{shown:?} is not a valid Redis URL: {e}")))?;
+            if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) {
+                return Err(invalid(
+                    &key,
+                    format!("{shown:?}: cluster nodes are reached over TCP (redis://host:port), not a Unix socket"),
+                ));
+            }
+            if info.redis_settings().db() != 0 {
+                return Err(invalid(
+                    &key,
+                    format!("{shown:?}: Redis Cluster has only database 0"),
+                ));
+            }
         }
-        if url.scheme().starts_with("redis+unix") || url.scheme() == "unix" {
-            url.query_pairs_mut().append_pair("pass", password);
-        } else if url.set_password(Some(password)).is_err() {
-            return Err(invalid(
-                "storage.redis.url",
-                "this URL cannot carry a password",
-            ));
+        let nodes = if cluster.password_file.as_os_str().is_empty() {
+            cluster.nodes.iter().cloned().map(SecretUrl).collect()
+        } else {
+            let file_key = "storage.redis_cluster.password_file";
+            let password = read_password_file(file_key, &cluster.password_file)?;
+            cluster
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, node)| {
+                    with_password(
+                        &format!("storage.redis_cluster.nodes[{i}]"),
+                        node,
+                        file_key,
+                        &password,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        if !nodes.is_empty() {
+            // What the client checks across nodes: one password, one user, one TLS mode.
+            redis::cluster::ClusterClient::new(nodes.iter().map(SecretUrl::expose)).map_err(
+                |e| {
+                    invalid(
+                        "storage.redis_cluster.nodes",
+                        format!("the nodes must share one password, user and TLS mode: {e}"),
+                    )
+                },
+            )?;
         }
-        Ok(SecretUrl(url.to_string()))
+        Ok(nodes)
     }
 
     /// The effective configuration as YAML, as `check-config` prints it,
@@ -554,6 +631,9 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         let mut shown = self.clone();
         shown.storage.redis.url = redact_url(&shown.storage.redis.url);
+        for node in &mut shown.storage.redis_cluster.nodes {
+            *node = redact_url(node);
+        }
         serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
@@ -609,6 +689,51 @@ pub fn redact_url(url: &str) -> String {
     } else {
         url.to_string()
     }
+}
+
+/// Reads a password file: its whole text less one trailing newline, which
+/// is what `echo secret > file` leaves; an empty password is an error.
+fn read_password_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(password.to_string())
+}
+
+/// `url` (the value of `url_key`) with `password` (from the file named by
+/// `file_key`) applied, refusing a URL that already holds one.
+fn with_password(
+    url_key: &str,
+    url: &str,
+    file_key: &str,
+    password: &str,
+) -> Result<SecretUrl, ConfigError> {
+    let mut parsed = url::Url::parse(url).map_err(|e| {
+        invalid(
+            url_key,
+            format!("cannot apply a password file to this URL: {e}"),
+        )
+    })?;
+    if parsed.password().is_some()
+        || parsed
+            .query_pairs()
+            .any(|(k, _)| k == "pass" || k == "password")
+    {
+        return Err(invalid(
+            file_key,
+            format!("{url_key} already holds a password; set one or the other"),
+        ));
+    }
+    if parsed.scheme().starts_with("redis+unix") || parsed.scheme() == "unix" {
+        parsed.query_pairs_mut().append_pair("pass", password);
+    } else if parsed.set_password(Some(password)).is_err() {
+        return Err(invalid(url_key, "this URL cannot carry a password"));
+    }
+    Ok(SecretUrl(parsed.to_string()))
 }
 
 /// Parses a list of CIDRs or bare IPs; `key` names the list in errors.

@@ -1,4 +1,4 @@
-//! Key-value storage behind one async trait, with two backends and one
+//! Key-value storage behind one async trait, with three backends and one
 //! instrumentation wrapper.
 //!
 //! The agent holds an `Instrumented<AnyBackend>`: the wrapper records the
@@ -11,6 +11,7 @@ mod health;
 mod instrumented;
 mod local;
 mod redis;
+mod redis_cluster;
 
 use std::future::Future;
 
@@ -18,8 +19,9 @@ pub use self::health::{Health, HealthObserver};
 pub use self::instrumented::Instrumented;
 pub use self::local::LocalStore;
 pub use self::redis::RedisStore;
+pub use self::redis_cluster::RedisClusterStore;
 
-use crate::config::{BackendKind, SecretUrl, StorageConfig};
+use crate::config::{BackendKind, Resolved, StorageConfig};
 
 /// Why a storage operation failed. The text is sent to the peer.
 #[derive(Debug, thiserror::Error)]
@@ -59,18 +61,22 @@ pub trait Storage: Send + Sync + 'static {
 pub enum AnyBackend {
     Local(LocalStore),
     Redis(RedisStore),
+    RedisCluster(RedisClusterStore),
 }
 
 impl AnyBackend {
     /// Opens the configured backend. A local database that cannot be opened
     /// (or an empty or foreign file in its place) is fatal; an unreachable
-    /// Redis is not (it is retried per operation). `redis_url` is the Redis
-    /// URL with its password applied (see [`crate::config::Resolved::redis_url`]).
-    pub async fn open(cfg: &StorageConfig, redis_url: &SecretUrl) -> Result<Self, StorageError> {
+    /// Redis or Redis Cluster is not (it is retried per operation). The
+    /// Redis URLs come from `resolved`, with their passwords applied.
+    pub async fn open(cfg: &StorageConfig, resolved: &Resolved) -> Result<Self, StorageError> {
         match cfg.backend {
             BackendKind::Local => Ok(AnyBackend::Local(LocalStore::open(&cfg.local.path).await?)),
             BackendKind::Redis => Ok(AnyBackend::Redis(
-                RedisStore::open(&cfg.redis, redis_url).await?,
+                RedisStore::open(&cfg.redis, &resolved.redis_url).await?,
+            )),
+            BackendKind::RedisCluster => Ok(AnyBackend::RedisCluster(
+                RedisClusterStore::open(&cfg.redis_cluster, &resolved.redis_cluster_nodes).await?,
             )),
         }
     }
@@ -81,11 +87,13 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.backend(),
             AnyBackend::Redis(s) => s.backend(),
+            AnyBackend::RedisCluster(s) => s.backend(),
         }
     }
 
     fn health(&self) -> &Health {
         match self {
+            AnyBackend::RedisCluster(s) => s.health(),
             AnyBackend::Local(s) => s.health(),
             AnyBackend::Redis(s) => s.health(),
         }
@@ -95,6 +103,7 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.get(key).await,
             AnyBackend::Redis(s) => s.get(key).await,
+            AnyBackend::RedisCluster(s) => s.get(key).await,
         }
     }
 
@@ -102,6 +111,7 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.put(key, value).await,
             AnyBackend::Redis(s) => s.put(key, value).await,
+            AnyBackend::RedisCluster(s) => s.put(key, value).await,
         }
     }
 
@@ -109,6 +119,7 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.delete(key).await,
             AnyBackend::Redis(s) => s.delete(key).await,
+            AnyBackend::RedisCluster(s) => s.delete(key).await,
         }
     }
 
@@ -116,6 +127,7 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.close().await,
             AnyBackend::Redis(s) => s.close().await,
+            AnyBackend::RedisCluster(s) => s.close().await,
         }
     }
 }

@@ -108,18 +108,16 @@ impl RedisStore {
     }
 }
 
-/// Runs `fut` within `timeout`, sorting Redis errors into ours.
-async fn bounded<T>(
+/// Runs one Redis call within `timeout`, turning its failure into the
+/// [`StorageError`] the peer is told. Shared by the Redis backends so that
+/// they fail alike.
+pub(super) async fn bounded<T>(
     timeout: Duration,
     fut: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, StorageError> {
     match tokio::time::timeout(timeout, fut).await {
         Err(_) => Err(StorageError::Timeout(timeout)),
-        Ok(Err(e)) if e.is_timeout() => Err(StorageError::Timeout(timeout)),
-        Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
-            Err(StorageError::Unavailable(e.to_string()))
-        }
-        Ok(Err(e)) => Err(StorageError::Backend(e.to_string())),
+        Ok(Err(e)) => Err(classify(timeout, e)),
         Ok(Ok(v)) => Ok(v),
     }
 }
@@ -160,6 +158,37 @@ async fn probe(
             Ok(_) => health.set_up(),
             Err(e) => health.set_down(&unreachable(&e)),
         }
+    }
+}
+
+/// A Redis error as a [`StorageError`]: its own timeout; a connection that
+/// failed, or a cluster with no node reached or no master serving the key
+/// (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, or a redirect the cluster
+/// client could not follow during a failover: a single server never gives
+/// these), as unavailable; anything else Redis answered as a failure.
+fn classify(timeout: Duration, e: redis::RedisError) -> StorageError {
+    use redis::{ErrorKind, ServerErrorKind};
+    let cluster_down = matches!(
+        e.kind(),
+        ErrorKind::ClusterConnectionNotFound
+            | ErrorKind::Server(
+                ServerErrorKind::ClusterDown
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
+            )
+    );
+    if e.is_timeout() {
+        StorageError::Timeout(timeout)
+    } else if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || cluster_down
+    {
+        StorageError::Unavailable(e.to_string())
+    } else {
+        StorageError::Backend(e.to_string())
     }
 }
 

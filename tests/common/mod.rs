@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod cluster;
 pub mod pki;
 
 /// Finds an external tool (`redis-server`, `promtool`, `prometheus`) on PATH.
