@@ -27,6 +27,12 @@ use serde::{Deserialize, Serialize};
 
 /// Prefix of environment overrides; `__` separates key path segments.
 pub const ENV_PREFIX: &str = "AGENT_";
+/// The metrics endpoint's liveness path: answers OK while the process runs.
+/// Reserved: `metrics.path` may not take it.
+pub const HEALTH_PATH: &str = "/health";
+/// The metrics endpoint's readiness path: 200 when storage is usable, 503
+/// with the reason when not. Reserved like [`HEALTH_PATH`].
+pub const READY_PATH: &str = "/ready";
 /// File used when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "agent.yaml";
 
@@ -490,7 +496,6 @@ impl Config {
                 format!("{:?} must start with '/'", self.metrics.path),
             ));
         }
-        use crate::telemetry::http::{HEALTH_PATH, READY_PATH};
         if [HEALTH_PATH, READY_PATH].contains(&self.metrics.path.as_str()) {
             return Err(invalid(
                 "metrics.path",

@@ -15,6 +15,7 @@ pub mod app;
 pub mod config;
 pub mod connection;
 pub mod handler;
+pub mod net;
 pub mod peer_text;
 pub mod peers;
 pub mod protocol;

@@ -1,7 +1,7 @@
 //! The peer listener: admits connections (allow-list, connection limit,
 //! TLS handshake), and serves each connection in its own task.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::connection::{self, Connection, Frame, PeerStream};
 use crate::handler::Handler;
+use crate::net::{accept, allowed};
 use crate::peers::Peers;
 use crate::protocol;
 use crate::storage::Storage;
@@ -93,16 +94,6 @@ impl<S: Storage> Server<S> {
     }
 }
 
-/// Whether `ip` may connect. An IPv4 client on a dual-stack socket shows
-/// up as `::ffff:a.b.c.d` and is matched as IPv4.
-pub fn allowed(networks: &[IpNet], ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
-    networks.is_empty() || networks.iter().any(|n| n.contains(&ip))
-}
-
 /// Runs the server side of the TLS handshake, bounded by the handshake
 /// timeout (a client that stalls mid-handshake would otherwise hold its
 /// connection slot) and by shutdown. A failure is counted by reason.
@@ -138,28 +129,6 @@ fn classify(e: &std::io::Error) -> DenyReason {
         Some(rustls::Error::NoCertificatesPresented) => DenyReason::TlsNoCertificate,
         Some(rustls::Error::InvalidCertificate(_)) => DenyReason::TlsBadCertificate,
         _ => DenyReason::TlsError,
-    }
-}
-
-/// Accepts the next connection, or None once `cancel` fires. A failed
-/// accept (usually EMFILE) is logged and retried after a pause instead of
-/// spinning. `what` names the listener in the log.
-pub async fn accept(
-    listener: &TcpListener,
-    cancel: &CancellationToken,
-    what: &str,
-) -> Option<(TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return None,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => return Some(pair),
-                Err(e) => {
-                    tracing::warn!(error = %e, "{what}: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
     }
 }
 

@@ -1,15 +1,13 @@
 //! Every metric the agent exposes, defined once: name, type, unit, help,
 //! labels and buckets. `docs/metrics.md` is checked against this list by a
-//! test, the exporter's buckets come from it, and the cached handle structs
-//! below are the only places that create metric handles.
+//! test, and the exporter's buckets come from it. Pure data: it imports
+//! nothing of the agent; the handles that record into these metrics are in
+//! [`super::handles`].
 //!
 //! The names, types and labels are a contract with operators' dashboards
 //! and alerts: never rename them.
 
-use metrics::{Counter, Gauge, KeyName, SharedString, Unit};
-
-use super::clock::DurationHistogram;
-use crate::protocol::FailReason;
+use metrics::{KeyName, SharedString, Unit};
 
 pub const PROCESS_CPU_USAGE: &str = "process_cpu_usage";
 pub const PROCESS_MEMORY_BYTES: &str = "process_memory_bytes";
@@ -292,6 +290,15 @@ pub const METRICS: &[MetricDef] = &[
     ),
 ];
 
+/// The definition of `name`; panics on a name not in [`METRICS`] (a
+/// programming error the catalog tests would catch first).
+pub fn def(name: &str) -> &'static MetricDef {
+    METRICS
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("{name} is not in the metric catalog"))
+}
+
 /// Registers HELP text (and units) for the agent's own metrics with the
 /// installed recorder, so every metric renders with HELP and TYPE lines.
 pub fn describe_all() {
@@ -306,192 +313,6 @@ pub fn describe_all() {
             }
         }
     });
-}
-
-/// Handles for the message path, created once so that recording is an
-/// atomic operation rather than a registry lookup per message.
-#[derive(Clone)]
-pub struct MessageMetrics {
-    pub received: Counter,
-    pub duration: DurationHistogram,
-    failed: [Counter; FailReason::ALL.len()],
-}
-
-impl MessageMetrics {
-    /// Binds to the recorder installed now (global or thread-local).
-    pub fn new() -> Self {
-        Self {
-            received: metrics::counter!(MESSAGES_RECEIVED_TOTAL),
-            duration: DurationHistogram::new(metrics::histogram!(
-                MESSAGE_PROCESSING_DURATION_SECONDS
-            )),
-            failed: FailReason::ALL
-                .map(|r| metrics::counter!(MESSAGES_FAILED_TOTAL, "reason" => r.as_str())),
-        }
-    }
-
-    pub fn failed(&self, reason: FailReason) -> &Counter {
-        &self.failed[reason as usize]
-    }
-}
-
-impl Default for MessageMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Handles for one storage operation on one backend.
-#[derive(Clone)]
-pub struct StorageOpMetrics {
-    pub operations: Counter,
-    pub errors: Counter,
-    pub duration: DurationHistogram,
-}
-
-impl StorageOpMetrics {
-    pub fn new(operation: &'static str, backend: &'static str) -> Self {
-        let labels = [("operation", operation), ("backend", backend)];
-        Self {
-            operations: metrics::counter!(STORAGE_OPERATIONS_TOTAL, &labels),
-            errors: metrics::counter!(STORAGE_OPERATION_ERRORS_TOTAL, &labels),
-            duration: DurationHistogram::new(metrics::histogram!(
-                STORAGE_OPERATION_DURATION_SECONDS,
-                &labels
-            )),
-        }
-    }
-}
-
-/// Why an inbound peer connection was closed before a request was read:
-/// the `reason` label of `agent_peer_connections_denied_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DenyReason {
-    /// The address is outside `network.allowed_networks`.
-    NotAllowed,
-    /// TLS is on and the client presented no certificate.
-    TlsNoCertificate,
-    /// The client's certificate does not chain to `network.tls.ca_file`
-    /// (another CA, expired, or not valid for client authentication).
-    TlsBadCertificate,
-    /// The handshake did not finish within `network.tls.handshake_timeout`.
-    TlsTimeout,
-    /// Any other handshake failure: not TLS at all, no common protocol
-    /// version or cipher, or the client gave up.
-    TlsError,
-}
-
-impl DenyReason {
-    /// Every reason, in label order.
-    pub const ALL: [DenyReason; 5] = [
-        DenyReason::NotAllowed,
-        DenyReason::TlsNoCertificate,
-        DenyReason::TlsBadCertificate,
-        DenyReason::TlsTimeout,
-        DenyReason::TlsError,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DenyReason::NotAllowed => "not_allowed",
-            DenyReason::TlsNoCertificate => "tls_no_certificate",
-            DenyReason::TlsBadCertificate => "tls_bad_certificate",
-            DenyReason::TlsTimeout => "tls_timeout",
-            DenyReason::TlsError => "tls_error",
-        }
-    }
-}
-
-/// Handles for one backend's health: `agent_storage_up` and
-/// `agent_storage_panics_total`.
-#[derive(Clone)]
-pub struct StorageHealthMetrics {
-    pub up: Gauge,
-    pub panics: Counter,
-}
-
-impl StorageHealthMetrics {
-    pub fn new(backend: &'static str) -> Self {
-        Self {
-            up: metrics::gauge!(AGENT_STORAGE_UP, "backend" => backend),
-            panics: metrics::counter!(AGENT_STORAGE_PANICS_TOTAL, "backend" => backend),
-        }
-    }
-}
-
-/// `agent_peers_connected` plus the rejected- and denied-connection counters.
-#[derive(Clone)]
-pub struct PeerMetrics {
-    pub connected: Gauge,
-    pub configured: Gauge,
-    pub rejected: Counter,
-    denied: [Counter; DenyReason::ALL.len()],
-}
-
-impl PeerMetrics {
-    pub fn new() -> Self {
-        Self {
-            connected: metrics::gauge!(AGENT_PEERS_CONNECTED),
-            configured: metrics::gauge!(AGENT_PEERS_CONFIGURED),
-            rejected: metrics::counter!(AGENT_CONNECTIONS_REJECTED_TOTAL),
-            denied: DenyReason::ALL.map(
-                |r| metrics::counter!(AGENT_PEER_CONNECTIONS_DENIED_TOTAL, "reason" => r.as_str()),
-            ),
-        }
-    }
-
-    /// The counter for one deny reason.
-    pub fn denied(&self, reason: DenyReason) -> &Counter {
-        &self.denied[reason as usize]
-    }
-}
-
-/// The status codes a request to `metrics.path` can get, in the order of
-/// [`HttpMetrics`]' scrape counters.
-pub const SCRAPE_CODES: [u16; 4] = [200, 401, 403, 405];
-
-/// The metrics endpoint's own counters: scrapes by code, and security.
-#[derive(Clone)]
-pub struct HttpMetrics {
-    pub unauthorized: Counter,
-    pub tls_handshake_failures: Counter,
-    scrapes: [Counter; SCRAPE_CODES.len()],
-}
-
-impl HttpMetrics {
-    pub fn new() -> Self {
-        Self {
-            unauthorized: metrics::counter!(AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL),
-            tls_handshake_failures: metrics::counter!(AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL),
-            scrapes: SCRAPE_CODES
-                .map(|c| metrics::counter!(AGENT_METRICS_SCRAPES_TOTAL, "code" => c.to_string())),
-        }
-    }
-
-    /// Counts one request to `metrics.path` answered with `code`.
-    pub fn scraped(&self, code: u16) {
-        if let Some(i) = SCRAPE_CODES.iter().position(|&c| c == code) {
-            self.scrapes[i].increment(1);
-        }
-    }
-}
-
-impl Default for HttpMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Default for PeerMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Sets `agent_build_info{version}` to 1.
-pub fn record_build_info() {
-    metrics::gauge!(AGENT_BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 #[cfg(test)]

@@ -38,14 +38,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::BasicAuth;
 use super::{Exposition, HttpMetrics};
-use crate::server::{accept, allowed};
+use crate::config::{HEALTH_PATH, READY_PATH};
+use crate::net::{accept, allowed};
 
-pub const HEALTH_PATH: &str = "/health";
 /// 200 when storage is usable, 503 with the reason when it is not.
 /// An allow-list the configuration reload can replace while serving.
 pub type SharedNetworks = Arc<std::sync::RwLock<Vec<IpNet>>>;
-
-pub const READY_PATH: &str = "/ready";
 
 /// Answers `/ready`: `Ok` when the agent can serve, else a one-line reason.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;

@@ -9,6 +9,7 @@
 mod auth;
 pub mod clock;
 pub mod defs;
+pub mod handles;
 pub mod http;
 pub mod process;
 pub mod recorder;
@@ -22,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ExporterKind, MetricsConfig, Resolved};
 
 pub use clock::{DurationHistogram, Start};
-pub use defs::{
+pub use defs::METRICS;
+pub use handles::{
     DenyReason, HttpMetrics, MessageMetrics, PeerMetrics, StorageHealthMetrics, StorageOpMetrics,
-    METRICS,
 };
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
@@ -102,7 +103,7 @@ pub async fn install(
         }
     };
     defs::describe_all();
-    defs::record_build_info();
+    handles::record_build_info();
     Ok(installed)
 }
 
