@@ -1,12 +1,12 @@
-//! Line framing over one TCP stream.
+//! Line framing over one peer stream (TCP today; any byte stream, such as
+//! TLS over TCP, through [`PeerStream`]).
 //!
 //! Reads and writes are buffered with fixed capacities, and replies are
 //! flushed only when no complete request is left to read. A peer that
 //! pipelines without reading its replies fills the socket, our writes then
 //! wait, and we stop reading: back-pressure instead of unbounded buffers.
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 
 const READ_BUFFER: usize = 64 * 1024;
@@ -23,21 +23,52 @@ pub enum Frame {
     TooLarge,
 }
 
-pub struct Connection {
-    reader: BufReader<OwnedReadHalf>,
-    writer: BufWriter<OwnedWriteHalf>,
+/// A byte stream a peer connection runs over.
+pub trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Bytes written that the peer has not acknowledged yet (0 when the
+    /// transport cannot tell). A TLS stream answers for its TCP socket.
+    fn unacknowledged(&self) -> usize {
+        0
+    }
+}
+
+impl PeerStream for TcpStream {
+    fn unacknowledged(&self) -> usize {
+        unacknowledged_bytes(self)
+    }
+}
+
+/// One peer connection: requests in as lines, replies out, both buffered.
+pub struct Connection<S> {
+    /// Reads are buffered here; writes pass through to the write buffer
+    /// (one object, as reads and writes never run concurrently).
+    io: BufReader<BufWriter<S>>,
+    /// The line being read, or the last one read.
     line: Vec<u8>,
+    /// `line` holds a complete line that was returned: the next read starts
+    /// a new one. Until then, a partial line survives a cancelled read.
+    line_complete: bool,
     max_line: usize,
 }
 
-impl Connection {
-    pub fn new(stream: TcpStream, max_line: usize) -> Self {
+impl Connection<TcpStream> {
+    /// A TCP connection, with Nagle's algorithm off: replies are flushed
+    /// when due and must not wait for an acknowledgement.
+    pub fn tcp(stream: TcpStream, max_line: usize) -> Self {
         let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
+        Self::new(stream, max_line)
+    }
+}
+
+impl<S: PeerStream> Connection<S> {
+    pub fn new(stream: S, max_line: usize) -> Self {
         Self {
-            reader: BufReader::with_capacity(READ_BUFFER, r),
-            writer: BufWriter::with_capacity(WRITE_BUFFER, w),
+            io: BufReader::with_capacity(
+                READ_BUFFER,
+                BufWriter::with_capacity(WRITE_BUFFER, stream),
+            ),
             line: Vec::new(),
+            line_complete: false,
             max_line,
         }
     }
@@ -47,16 +78,19 @@ impl Connection {
         &self.line
     }
 
-    /// Reads the next line. Cancel-safe between calls: bytes already taken
-    /// from the socket stay in `self.line`.
+    /// Reads the next line. Cancel-safe: bytes already taken from the
+    /// socket stay in `self.line`, and the next call carries on with them.
     pub async fn read_line(&mut self) -> std::io::Result<Frame> {
-        self.line.clear();
+        if self.line_complete {
+            self.line.clear();
+            self.line_complete = false;
+        }
         loop {
             if !self.has_buffered_line() {
                 // We are about to wait for the peer: it must have every reply first.
-                self.writer.flush().await?;
+                self.io.flush().await?;
             }
-            let buf = self.reader.fill_buf().await?;
+            let buf = self.io.fill_buf().await?;
             if buf.is_empty() {
                 return Ok(Frame::Closed);
             }
@@ -66,10 +100,11 @@ impl Connection {
                         return Ok(Frame::TooLarge);
                     }
                     self.line.extend_from_slice(&buf[..i]);
-                    self.reader.consume(i + 1);
+                    self.io.consume(i + 1);
                     if self.line.last() == Some(&b'\r') {
                         self.line.pop();
                     }
+                    self.line_complete = true;
                     return Ok(Frame::Line);
                 }
                 None => {
@@ -78,7 +113,7 @@ impl Connection {
                         return Ok(Frame::TooLarge);
                     }
                     self.line.extend_from_slice(buf);
-                    self.reader.consume(n);
+                    self.io.consume(n);
                 }
             }
         }
@@ -86,13 +121,13 @@ impl Connection {
 
     /// Whether a complete request is already buffered (no socket read needed).
     pub fn has_buffered_line(&self) -> bool {
-        memchr::memchr(b'\n', self.reader.buffer()).is_some()
+        memchr::memchr(b'\n', self.io.buffer()).is_some()
     }
 
     /// Queues bytes for the peer; they are sent when the buffer fills or by
     /// the next flush.
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.writer.write_all(bytes).await
+        self.io.write_all(bytes).await
     }
 
     /// Reads and drops input for up to `limit`, until the peer closes.
@@ -103,11 +138,11 @@ impl Connection {
     pub async fn discard_input(&mut self, limit: std::time::Duration) {
         let _ = tokio::time::timeout(limit, async {
             loop {
-                match self.reader.fill_buf().await {
+                match self.io.fill_buf().await {
                     Ok([]) | Err(_) => return,
                     Ok(buf) => {
                         let n = buf.len();
-                        self.reader.consume(n);
+                        self.io.consume(n);
                     }
                 }
             }
@@ -117,8 +152,8 @@ impl Connection {
 
     /// Flushes and half-closes the write side so the peer sees a clean EOF.
     pub async fn shutdown(&mut self) -> std::io::Result<()> {
-        self.writer.flush().await?;
-        self.writer.shutdown().await
+        self.io.flush().await?;
+        self.io.shutdown().await
     }
 
     /// Waits until the peer has acknowledged everything written, or until
@@ -129,7 +164,7 @@ impl Connection {
     /// replies short for a peer that reads slowly and keeps sending; once
     /// everything is acknowledged, closing loses nothing.
     pub async fn wait_delivered(&self, deadline: tokio::time::Instant) {
-        while unacknowledged_bytes(self.writer.get_ref().as_ref()) > 0
+        while self.io.get_ref().get_ref().unacknowledged() > 0
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -140,19 +175,60 @@ impl Connection {
 /// Bytes written to `stream` that the peer has not acknowledged yet
 /// (0 when unknown).
 #[cfg(target_os = "linux")]
-fn unacknowledged_bytes(stream: &TcpStream) -> libc::c_int {
+fn unacknowledged_bytes(stream: &TcpStream) -> usize {
     use std::os::fd::AsRawFd;
     let mut n: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int for a TCP socket.
     let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
     if rc == 0 {
-        n
+        usize::try_from(n).unwrap_or(0)
     } else {
         0
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn unacknowledged_bytes(_stream: &TcpStream) -> libc::c_int {
+fn unacknowledged_bytes(_stream: &TcpStream) -> usize {
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    impl PeerStream for DuplexStream {}
+
+    #[tokio::test]
+    async fn a_partial_line_survives_a_cancelled_read() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(ours, 64);
+        theirs.write_all(b"{\"op\":").await.unwrap();
+        let timed_out =
+            tokio::time::timeout(std::time::Duration::from_millis(20), conn.read_line()).await;
+        assert!(timed_out.is_err(), "no complete line yet");
+        theirs.write_all(b"\"ping\"}\r\n{}\n").await.unwrap();
+        assert_eq!(conn.read_line().await.unwrap(), Frame::Line);
+        assert_eq!(conn.line(), b"{\"op\":\"ping\"}");
+        assert_eq!(conn.read_line().await.unwrap(), Frame::Line);
+        assert_eq!(conn.line(), b"{}");
+        conn.write(b"reply\n").await.unwrap();
+        drop(theirs.shutdown().await);
+        assert_eq!(conn.read_line().await.unwrap(), Frame::Closed);
+        drop(conn);
+        // Waiting for the peer flushed the reply first.
+        let mut got = Vec::new();
+        theirs.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"reply\n");
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_limit_is_too_large() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(ours, 8);
+        theirs.write_all(b"12345678\n123456789\n").await.unwrap();
+        assert_eq!(conn.read_line().await.unwrap(), Frame::Line);
+        assert_eq!(conn.line(), b"12345678");
+        assert_eq!(conn.read_line().await.unwrap(), Frame::TooLarge);
+    }
 }

@@ -202,7 +202,7 @@ async fn keepalive(
     cancel: &CancellationToken,
 ) -> Session {
     let _guard = peers.connected();
-    let mut conn = Connection::new(stream, MAX_PING_REPLY);
+    let mut conn = Connection::tcp(stream, MAX_PING_REPLY);
     let mut healthy = false;
     let end = |healthy: bool, reason: String| Session { healthy, reason };
     let mut seq: u64 = 0;

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::{Connection, Frame};
+use crate::connection::{Connection, Frame, PeerStream};
 use crate::handler::Handler;
 use crate::peers::Peers;
 use crate::protocol;
@@ -49,7 +49,13 @@ impl<S: Storage> Server<S> {
             let max_line = self.max_line;
             tracker.spawn(async move {
                 let _guard = peers.connected();
-                serve(stream, &handler, max_line, &cancel).await;
+                serve(
+                    Connection::tcp(stream, max_line),
+                    &handler,
+                    max_line,
+                    &cancel,
+                )
+                .await;
                 drop(slot);
             });
         }
@@ -79,13 +85,12 @@ pub async fn accept(
 }
 
 /// Serves one connection: one reply per request line, in order.
-async fn serve<S: Storage>(
-    stream: TcpStream,
+async fn serve<S: Storage, T: PeerStream>(
+    mut conn: Connection<T>,
     handler: &Handler<S>,
     max_line: usize,
     cancel: &CancellationToken,
 ) {
-    let mut conn = Connection::new(stream, max_line);
     let mut out = Vec::with_capacity(256);
     loop {
         // At shutdown, requests already received are answered; nothing more is read.
