@@ -68,6 +68,7 @@ pub async fn run(
         peers: peers.clone(),
         max_connections: config.network.max_connections,
         max_line: config.network.max_message_bytes,
+        idle_timeout: config.network.idle_timeout,
     };
     tracker.spawn(server.run(tracker.clone(), cancel.clone()));
     let policy = DialPolicy {
@@ -81,6 +82,17 @@ pub async fn run(
             peers.clone(),
             cancel.clone(),
         ));
+    }
+    if !config.network.peers.is_empty()
+        && config.network.idle_timeout <= config.network.ping_interval
+    {
+        // Another agent with the same settings would close our keepalive
+        // connections between two pings, and we theirs.
+        tracing::warn!(
+            idle_timeout = ?config.network.idle_timeout,
+            ping_interval = ?config.network.ping_interval,
+            "network.idle_timeout is not longer than network.ping_interval: peers with these settings close each other's connections between pings"
+        );
     }
     tracing::info!("agent ready");
 

@@ -70,6 +70,10 @@ pub struct NetworkConfig {
     pub listen: String,
     pub peers: Vec<String>,
     pub max_connections: usize,
+    /// An inbound connection with no complete request for this long is
+    /// closed, so silent connections cannot hold every slot.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     pub max_message_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
@@ -83,6 +87,7 @@ impl Default for NetworkConfig {
             listen: "0.0.0.0:7070".into(),
             peers: Vec::new(),
             max_connections: 1024,
+            idle_timeout: Duration::from_secs(5 * 60),
             max_message_bytes: 1024 * 1024,
             ping_interval: Duration::from_secs(10),
             max_redial_backoff: Duration::from_secs(30),
@@ -283,6 +288,9 @@ impl Config {
                 "network.max_connections",
                 "must be at least 1, got 0",
             ));
+        }
+        if self.network.idle_timeout.is_zero() {
+            return Err(invalid("network.idle_timeout", "must be greater than 0"));
         }
         if self.network.max_message_bytes == 0 {
             return Err(invalid(
@@ -519,6 +527,8 @@ mod tests {
                 "network:\n  max_message_bytes: 0\n",
                 "network.max_message_bytes",
             ),
+            ("network:\n  idle_timeout: 0s\n", "network.idle_timeout"),
+            ("network:\n  idle_timeout: soon\n", "network.idle_timeout"),
             ("network:\n  peers: [\"nohost\"]\n", "network.peers[0]"),
             ("metrics:\n  prot: 8080\n", "metrics.prot"),
             ("bogus: 1\n", "bogus"),

@@ -6,8 +6,12 @@
 //! pipelines without reading its replies fills the socket, our writes then
 //! wait, and we stop reading: back-pressure instead of unbounded buffers.
 
+use std::future::Future;
+use std::time::Duration;
+
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 const READ_BUFFER: usize = 64 * 1024;
 const WRITE_BUFFER: usize = 64 * 1024;
@@ -39,6 +43,34 @@ impl PeerStream for TcpStream {
 }
 
 /// One peer connection: requests in as lines, replies out, both buffered.
+/// What a read or write fails with when the peer sent no complete request
+/// for the idle timeout: whether it is silent or has stopped reading its
+/// replies, it holds a connection slot and buffers for nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("no complete request within network.idle_timeout")]
+pub struct IdleTimeout;
+
+/// Whether `e` is an [`IdleTimeout`] (and not an I/O error of the socket).
+pub fn is_idle_timeout(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<IdleTimeout>())
+}
+
+/// Awaits `io`, giving up with [`IdleTimeout`] at `deadline` (if any).
+async fn until<T>(
+    deadline: Option<Instant>,
+    io: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    match deadline {
+        None => io.await,
+        Some(at) => tokio::time::timeout_at(at, io).await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                IdleTimeout,
+            ))
+        }),
+    }
+}
+
 pub struct Connection<S> {
     /// Reads are buffered here; writes pass through to the write buffer
     /// (one object, as reads and writes never run concurrently).
@@ -49,6 +81,12 @@ pub struct Connection<S> {
     /// a new one. Until then, a partial line survives a cancelled read.
     line_complete: bool,
     max_line: usize,
+    /// How long the peer may go without completing a request (inbound
+    /// connections; outbound ones have their ping deadline instead).
+    idle_timeout: Option<Duration>,
+    /// When the current idle period ends: waits on the peer (reading,
+    /// flushing, writing) fail with [`IdleTimeout`] from then on.
+    idle_deadline: Option<Instant>,
 }
 
 impl Connection<TcpStream> {
@@ -70,7 +108,27 @@ impl<S: PeerStream> Connection<S> {
             line: Vec::new(),
             line_complete: false,
             max_line,
+            idle_timeout: None,
+            idle_deadline: None,
         }
+    }
+
+    /// Closes the connection (reads and writes fail with [`IdleTimeout`])
+    /// when no request completes for `timeout`; the clock starts now.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = Some(timeout);
+        self.restart_idle_timer();
+        self
+    }
+
+    /// A request completed: the peer gets another full idle timeout.
+    pub fn restart_idle_timer(&mut self) {
+        self.idle_deadline = self.idle_timeout.map(|t| Instant::now() + t);
+    }
+
+    /// The longest line accepted.
+    pub fn max_line(&self) -> usize {
+        self.max_line
     }
 
     /// The last line read.
@@ -86,11 +144,12 @@ impl<S: PeerStream> Connection<S> {
             self.line_complete = false;
         }
         loop {
+            let deadline = self.idle_deadline;
             if !self.has_buffered_line() {
                 // We are about to wait for the peer: it must have every reply first.
-                self.io.flush().await?;
+                until(deadline, self.io.flush()).await?;
             }
-            let buf = self.io.fill_buf().await?;
+            let buf = until(deadline, self.io.fill_buf()).await?;
             if buf.is_empty() {
                 return Ok(Frame::Closed);
             }
@@ -125,9 +184,10 @@ impl<S: PeerStream> Connection<S> {
     }
 
     /// Queues bytes for the peer; they are sent when the buffer fills or by
-    /// the next flush.
+    /// the next flush. Fails with [`IdleTimeout`] if the peer does not take
+    /// them in time.
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.io.write_all(bytes).await
+        until(self.idle_deadline, self.io.write_all(bytes)).await
     }
 
     /// Reads and drops input for up to `limit`, until the peer closes.
@@ -220,6 +280,25 @@ mod tests {
         let mut got = Vec::new();
         theirs.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"reply\n");
+    }
+
+    #[tokio::test]
+    async fn idle_timeout_counts_from_the_last_complete_request() {
+        let idle = Duration::from_millis(300);
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(ours, 64).with_idle_timeout(idle);
+        tokio::time::sleep(idle / 2).await;
+        theirs.write_all(b"{}\n{\"op\"").await.unwrap();
+        assert_eq!(conn.read_line().await.unwrap(), Frame::Line);
+        conn.restart_idle_timer();
+        // A partial line does not count: the clock runs from the last complete one.
+        let started = Instant::now();
+        let err = conn.read_line().await.unwrap_err();
+        assert!(is_idle_timeout(&err), "{err}");
+        assert!(started.elapsed() >= idle, "{:?}", started.elapsed());
+        // A socket's own timeout is not an idle timeout.
+        let other = std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out");
+        assert!(!is_idle_timeout(&other));
     }
 
     #[tokio::test]

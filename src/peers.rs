@@ -37,6 +37,17 @@ impl Peers {
     pub fn rejected(&self) {
         self.metrics.rejected.increment(1);
     }
+
+    /// An inbound connection that never completed a request gave way to a
+    /// newcomer at the connection cap.
+    pub fn evicted(&self) {
+        self.metrics.evicted.increment(1);
+    }
+
+    /// An inbound connection was closed after `network.idle_timeout`.
+    pub fn idle_closed(&self) {
+        self.metrics.idle_closed.increment(1);
+    }
 }
 
 impl Default for Peers {

@@ -1,16 +1,17 @@
-//! The peer listener: accepts connections, enforces the connection limit,
-//! and serves each connection in its own task.
+//! The peer listener: accepts connections, enforces the connection limit
+//! (evicting never-served connections first, see [`crate::admission`]),
+//! closes idle ones, and serves each connection in its own task.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::{Connection, Frame, PeerStream};
+use crate::admission::{Admission, Admitted, Ticket};
+use crate::connection::{self, Connection, Frame, PeerStream};
 use crate::handler::Handler;
 use crate::peers::Peers;
 use crate::protocol;
@@ -20,6 +21,9 @@ use crate::storage::Storage;
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// How long input is drained after a too-large message before closing.
 const TOO_LARGE_DRAIN: Duration = Duration::from_secs(1);
+/// How long an idle connection may take to flush what it still holds
+/// before it is closed anyway (its peer has not been reading).
+const IDLE_CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 pub struct Server<S> {
     pub listener: TcpListener,
@@ -27,36 +31,41 @@ pub struct Server<S> {
     pub peers: Peers,
     pub max_connections: usize,
     pub max_line: usize,
+    /// `network.idle_timeout`.
+    pub idle_timeout: Duration,
 }
 
 impl<S: Storage> Server<S> {
     /// Accepts until `cancel` fires; connection tasks join `tracker`.
     pub async fn run(self, tracker: TaskTracker, cancel: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let admission = Admission::new(self.max_connections);
         loop {
             let Some((stream, remote)) = accept(&self.listener, &cancel, "peer listener").await
             else {
                 return;
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                self.peers.rejected();
-                tracing::debug!(%remote, "network.max_connections reached; closing connection");
-                continue;
+            let ticket = match admission.admit() {
+                Admitted::Yes(ticket) => ticket,
+                Admitted::Evicting(ticket) => {
+                    self.peers.evicted();
+                    tracing::debug!(%remote, "network.max_connections reached; a connection that never completed a request makes room");
+                    ticket
+                }
+                Admitted::Refused => {
+                    self.peers.rejected();
+                    tracing::debug!(%remote, "network.max_connections reached; closing connection");
+                    continue;
+                }
             };
             let handler = Arc::clone(&self.handler);
             let peers = self.peers.clone();
             let cancel = cancel.clone();
             let max_line = self.max_line;
+            let conn = Connection::tcp(stream, max_line).with_idle_timeout(self.idle_timeout);
             tracker.spawn(async move {
                 let _guard = peers.connected();
-                serve(
-                    Connection::tcp(stream, max_line),
-                    &handler,
-                    max_line,
-                    &cancel,
-                )
-                .await;
-                drop(slot);
+                serve(conn, &handler, &peers, &ticket, &cancel).await;
+                drop(ticket);
             });
         }
     }
@@ -88,7 +97,8 @@ pub async fn accept(
 async fn serve<S: Storage, T: PeerStream>(
     mut conn: Connection<T>,
     handler: &Handler<S>,
-    max_line: usize,
+    peers: &Peers,
+    ticket: &Ticket,
     cancel: &CancellationToken,
 ) {
     let mut out = Vec::with_capacity(256);
@@ -101,6 +111,9 @@ async fn serve<S: Storage, T: PeerStream>(
             biased;
             frame = conn.read_line() => frame,
             _ = cancel.cancelled() => break,
+            // Counted at admission; it never completed a request, so no
+            // reply is owed.
+            _ = ticket.evicted() => return,
         };
         out.clear();
         match frame {
@@ -108,19 +121,25 @@ async fn serve<S: Storage, T: PeerStream>(
                 if protocol::is_blank(conn.line()) {
                     continue;
                 }
+                ticket.served();
+                conn.restart_idle_timer();
                 handler.handle(conn.line(), &mut out).await;
             }
-            Ok(Frame::Closed) | Err(_) => return,
+            Ok(Frame::Closed) => return,
+            Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
+            Err(_) => return,
             Ok(Frame::TooLarge) => {
-                handler.too_large(max_line, &mut out);
+                handler.too_large(conn.max_line(), &mut out);
                 let _ = conn.write(&out).await;
                 let _ = tokio::time::timeout(FINAL_FLUSH, conn.shutdown()).await;
                 conn.discard_input(TOO_LARGE_DRAIN).await;
                 return;
             }
         }
-        if conn.write(&out).await.is_err() {
-            return;
+        match conn.write(&out).await {
+            Ok(()) => {}
+            Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
+            Err(_) => return,
         }
     }
     let deadline = tokio::time::Instant::now() + FINAL_FLUSH;
@@ -128,4 +147,12 @@ async fn serve<S: Storage, T: PeerStream>(
     // The peer may still be sending; closing now would reset the connection
     // and drop replies it has not received yet.
     conn.wait_delivered(deadline).await;
+}
+
+/// Closes a connection whose peer completed no request within
+/// `network.idle_timeout`, and counts it.
+async fn close_idle<T: PeerStream>(mut conn: Connection<T>, peers: &Peers) {
+    peers.idle_closed();
+    tracing::debug!("closing a peer connection idle for network.idle_timeout");
+    let _ = tokio::time::timeout(IDLE_CLOSE_FLUSH, conn.shutdown()).await;
 }

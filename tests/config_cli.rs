@@ -63,6 +63,7 @@ const BAD_FILES: &[(&str, &str)] = &[
         "network:\n  max_message_bytes: 0\n",
         "network.max_message_bytes: ",
     ),
+    ("network:\n  idle_timeout: 0s\n", "network.idle_timeout: "),
     ("network:\n  peers: [\"nohost\"]\n", "network.peers[0]: "),
     ("bogus: 1\n", "bogus: unknown key"),
     ("log:\n  format: xml\n", "log.format: "),

@@ -49,6 +49,8 @@ fn expected() -> Counts {
     let mut want = Counts::new();
     want.insert(series_key("messages_received_total", &[]), TOTAL as f64);
     want.insert(series_key("agent_connections_rejected_total", &[]), 0.0);
+    want.insert(series_key("agent_connections_evicted_total", &[]), 0.0);
+    want.insert(series_key("agent_connections_idle_closed_total", &[]), 0.0);
     for reason in REASONS {
         let n = if reason == "unknown_op" {
             UNKNOWN_OPS

@@ -15,6 +15,8 @@ pub const PROCESS_CPU_USAGE: &str = "process_cpu_usage";
 pub const PROCESS_MEMORY_BYTES: &str = "process_memory_bytes";
 pub const AGENT_PEERS_CONNECTED: &str = "agent_peers_connected";
 pub const AGENT_CONNECTIONS_REJECTED_TOTAL: &str = "agent_connections_rejected_total";
+pub const AGENT_CONNECTIONS_EVICTED_TOTAL: &str = "agent_connections_evicted_total";
+pub const AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL: &str = "agent_connections_idle_closed_total";
 pub const MESSAGES_RECEIVED_TOTAL: &str = "messages_received_total";
 pub const MESSAGES_FAILED_TOTAL: &str = "messages_failed_total";
 pub const MESSAGE_PROCESSING_DURATION_SECONDS: &str = "message_processing_duration_seconds";
@@ -135,6 +137,20 @@ pub const METRICS: &[MetricDef] = &[
         Kind::Counter,
         Some(Unit::Count),
         "Inbound peer connections closed at once because network.max_connections was reached.",
+        &[],
+    ),
+    agent(
+        AGENT_CONNECTIONS_EVICTED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Inbound peer connections that had never completed a request, closed at network.max_connections to make room for a new one.",
+        &[],
+    ),
+    agent(
+        AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Inbound peer connections closed because no complete request arrived within network.idle_timeout.",
         &[],
     ),
     agent(
@@ -307,11 +323,14 @@ impl StorageOpMetrics {
     }
 }
 
-/// `agent_peers_connected` plus the rejected-connection counter.
+/// `agent_peers_connected` plus the counters of inbound connections the
+/// agent closed on its own: rejected, evicted, idle.
 #[derive(Clone)]
 pub struct PeerMetrics {
     pub connected: Gauge,
     pub rejected: Counter,
+    pub evicted: Counter,
+    pub idle_closed: Counter,
 }
 
 impl PeerMetrics {
@@ -319,6 +338,8 @@ impl PeerMetrics {
         Self {
             connected: metrics::gauge!(AGENT_PEERS_CONNECTED),
             rejected: metrics::counter!(AGENT_CONNECTIONS_REJECTED_TOTAL),
+            evicted: metrics::counter!(AGENT_CONNECTIONS_EVICTED_TOTAL),
+            idle_closed: metrics::counter!(AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL),
         }
     }
 }
