@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::Budget;
 use crate::config::{Config, Resolved};
 use crate::handler::Handler;
 use crate::peers::{self, DialPolicy, Peers};
@@ -69,6 +70,7 @@ pub async fn run(
         max_connections: config.network.max_connections,
         max_line: config.network.max_message_bytes,
         idle_timeout: config.network.idle_timeout,
+        budget: Budget::new(config.network.max_buffered_bytes),
     };
     tracker.spawn(server.run(tracker.clone(), cancel.clone()));
     let policy = DialPolicy {

@@ -75,6 +75,10 @@ pub struct NetworkConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Bytes all inbound connections together may buffer beyond their fixed
+    /// 64 KiB buffers: long request lines, and replies waiting for peers
+    /// that do not read them. At the limit, connections wait.
+    pub max_buffered_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -89,6 +93,7 @@ impl Default for NetworkConfig {
             max_connections: 1024,
             idle_timeout: Duration::from_secs(5 * 60),
             max_message_bytes: 1024 * 1024,
+            max_buffered_bytes: 64 * 1024 * 1024,
             ping_interval: Duration::from_secs(10),
             max_redial_backoff: Duration::from_secs(30),
         }
@@ -296,6 +301,15 @@ impl Config {
             return Err(invalid(
                 "network.max_message_bytes",
                 "must be at least 1, got 0",
+            ));
+        }
+        if self.network.max_buffered_bytes < self.network.max_message_bytes {
+            return Err(invalid(
+                "network.max_buffered_bytes",
+                format!(
+                    "must be at least network.max_message_bytes ({}), got {}",
+                    self.network.max_message_bytes, self.network.max_buffered_bytes
+                ),
             ));
         }
         if self.network.ping_interval.is_zero() {
@@ -528,6 +542,10 @@ mod tests {
                 "network.max_message_bytes",
             ),
             ("network:\n  idle_timeout: 0s\n", "network.idle_timeout"),
+            (
+                "network:\n  max_buffered_bytes: 1048575\n",
+                "network.max_buffered_bytes",
+            ),
             ("network:\n  idle_timeout: soon\n", "network.idle_timeout"),
             ("network:\n  peers: [\"nohost\"]\n", "network.peers[0]"),
             ("metrics:\n  prot: 8080\n", "metrics.prot"),

@@ -5,16 +5,28 @@
 //! flushed only when no complete request is left to read. A peer that
 //! pipelines without reading its replies fills the socket, our writes then
 //! wait, and we stop reading: back-pressure instead of unbounded buffers.
+//!
+//! A line longer than [`FIXED_BUFFER`] is held in memory reserved from the
+//! shared [`Budget`] (waiting for it if need be, without reading further),
+//! and the buffer shrinks back once the line has been decoded: memory per
+//! connection does not grow with the largest line ever seen.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-const READ_BUFFER: usize = 64 * 1024;
-const WRITE_BUFFER: usize = 64 * 1024;
+use crate::budget::{Budget, Reservation};
+
+/// Each connection's fixed allowance, per buffer: the read buffer, the
+/// write buffer, and what a line or a reply may take before it needs the
+/// shared [`Budget`].
+pub const FIXED_BUFFER: usize = 64 * 1024;
+const READ_BUFFER: usize = FIXED_BUFFER;
+const WRITE_BUFFER: usize = FIXED_BUFFER;
 
 /// What [`Connection::read_line`] found.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,12 +46,35 @@ pub trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send {
     fn unacknowledged(&self) -> usize {
         0
     }
+
+    /// Resolves once the transport reports an error, such as a reset from
+    /// the peer: nothing more can be delivered. Never, when the transport
+    /// cannot tell. A TLS stream answers for its TCP socket.
+    fn failed(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::pending()
+    }
 }
 
 impl PeerStream for TcpStream {
     fn unacknowledged(&self) -> usize {
         unacknowledged_bytes(self)
     }
+
+    async fn failed(&self) {
+        match self.ready(tokio::io::Interest::ERROR).await {
+            Ok(ready) if !ready.is_error() => std::future::pending().await,
+            _ => {}
+        }
+    }
+}
+
+/// What a wait for memory from the budget fails with when the peer reset
+/// the connection meanwhile: the request cannot be answered any more.
+fn reset_while_waiting() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "peer reset the connection while waiting for memory",
+    )
 }
 
 /// One peer connection: requests in as lines, replies out, both buffered.
@@ -87,6 +122,11 @@ pub struct Connection<S> {
     /// When the current idle period ends: waits on the peer (reading,
     /// flushing, writing) fail with [`IdleTimeout`] from then on.
     idle_deadline: Option<Instant>,
+    /// Where `line` beyond [`FIXED_BUFFER`] is reserved (inbound
+    /// connections); None: lines are short enough not to need it.
+    budget: Option<Arc<Budget>>,
+    /// Covers `line` beyond [`FIXED_BUFFER`] while a long line is read.
+    line_hold: Option<Reservation>,
 }
 
 impl Connection<TcpStream> {
@@ -110,7 +150,15 @@ impl<S: PeerStream> Connection<S> {
             max_line,
             idle_timeout: None,
             idle_deadline: None,
+            budget: None,
+            line_hold: None,
         }
+    }
+
+    /// Reserves a line's memory beyond [`FIXED_BUFFER`] from `budget`.
+    pub fn with_budget(mut self, budget: Arc<Budget>) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Closes the connection (reads and writes fail with [`IdleTimeout`])
@@ -153,29 +201,104 @@ impl<S: PeerStream> Connection<S> {
             if buf.is_empty() {
                 return Ok(Frame::Closed);
             }
-            match memchr::memchr(b'\n', buf) {
-                Some(i) => {
-                    if self.line.len() + i > self.max_line {
-                        return Ok(Frame::TooLarge);
-                    }
-                    self.line.extend_from_slice(&buf[..i]);
-                    self.io.consume(i + 1);
+            let newline = memchr::memchr(b'\n', buf);
+            let take = newline.unwrap_or(buf.len());
+            let needed = self.line.len() + take;
+            if needed > self.max_line {
+                return Ok(Frame::TooLarge);
+            }
+            if needed > FIXED_BUFFER && self.line_hold.is_none() {
+                if let Some(budget) = self.budget.clone() {
+                    // The bytes stay buffered; they are taken once the
+                    // line's memory is reserved.
+                    self.reserve_line(&budget).await?;
+                    continue;
+                }
+            }
+            self.grow_line(take);
+            let buf = self.io.buffer();
+            self.line.extend_from_slice(&buf[..take]);
+            match newline {
+                Some(_) => {
+                    self.io.consume(take + 1);
                     if self.line.last() == Some(&b'\r') {
                         self.line.pop();
                     }
                     self.line_complete = true;
                     return Ok(Frame::Line);
                 }
-                None => {
-                    let n = buf.len();
-                    if self.line.len() + n > self.max_line {
-                        return Ok(Frame::TooLarge);
-                    }
-                    self.line.extend_from_slice(buf);
-                    self.io.consume(n);
-                }
+                None => self.io.consume(take),
             }
         }
+    }
+
+    /// Reserves what the longest line could need beyond [`FIXED_BUFFER`],
+    /// in one go (so that no connection holds part of the budget while it
+    /// waits for more). Replies already due are flushed before waiting, and
+    /// the wait does not count as the peer's idle time.
+    async fn reserve_line(&mut self, budget: &Budget) -> std::io::Result<()> {
+        let bytes = self.max_line.saturating_sub(FIXED_BUFFER);
+        let hold = match budget.try_reserve(bytes) {
+            Some(hold) => hold,
+            None => {
+                until(self.idle_deadline, self.io.flush()).await?;
+                let waiting_since = Instant::now();
+                let hold = self.reserve_unless_failed(budget, bytes).await?;
+                if let Some(deadline) = &mut self.idle_deadline {
+                    *deadline += waiting_since.elapsed();
+                }
+                hold
+            }
+        };
+        self.line_hold = Some(hold);
+        Ok(())
+    }
+
+    /// Waits for `bytes` from `budget`, unless the peer resets the
+    /// connection first: a connection whose peer is gone must not wait its
+    /// turn (and then work) for nothing.
+    pub async fn reserve_unless_failed(
+        &self,
+        budget: &Budget,
+        bytes: usize,
+    ) -> std::io::Result<Reservation> {
+        tokio::select! {
+            hold = budget.reserve(bytes) => Ok(hold),
+            _ = self.io.get_ref().get_ref().failed() => Err(reset_while_waiting()),
+        }
+    }
+
+    /// Makes room for `extra` more bytes of line, growing geometrically but
+    /// never past [`FIXED_BUFFER`] without a reservation, nor past the
+    /// longest line: what a reservation covers is what is allocated.
+    fn grow_line(&mut self, extra: usize) {
+        let needed = self.line.len() + extra;
+        if needed <= self.line.capacity() {
+            return;
+        }
+        let limit = if needed <= FIXED_BUFFER {
+            FIXED_BUFFER
+        } else {
+            self.max_line
+        };
+        let target = (self.line.capacity() * 2).max(256).min(limit).max(needed);
+        self.line.reserve_exact(target - self.line.len());
+    }
+
+    /// Releases the last line's buffer if it grew past [`FIXED_BUFFER`],
+    /// once the line has been decoded (it is empty afterwards). Returns
+    /// the reservation that covered it: the caller holds it as long as
+    /// what it decoded from the line (a put's value) is alive.
+    pub fn release_line(&mut self) -> Option<Reservation> {
+        if self.line.capacity() > FIXED_BUFFER {
+            self.line = Vec::new();
+        }
+        self.line_hold.take()
+    }
+
+    /// Sends every reply queued so far, bounded by the idle timeout.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        until(self.idle_deadline, self.io.flush()).await
     }
 
     /// Whether a complete request is already buffered (no socket read needed).
@@ -299,6 +422,36 @@ mod tests {
         // A socket's own timeout is not an idle timeout.
         let other = std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out");
         assert!(!is_idle_timeout(&other));
+    }
+
+    #[tokio::test]
+    async fn a_long_line_waits_for_the_budget_then_its_buffer_shrinks_back() {
+        const K: usize = 1024;
+        let budget = Budget::new(300 * K);
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let mut conn = Connection::new(ours, 256 * K).with_budget(Arc::clone(&budget));
+        theirs.write_all(&[b'x'; 200 * K]).await.unwrap();
+        theirs.write_all(b"\n{}\n").await.unwrap();
+        // Not enough left: the line is not read past 64 KiB meanwhile.
+        let other = budget.try_reserve(200 * K).unwrap();
+        let short =
+            tokio::time::timeout(std::time::Duration::from_millis(50), conn.read_line()).await;
+        assert!(short.is_err(), "read a long line without its reservation");
+        assert!(conn.line.len() <= FIXED_BUFFER);
+        drop(other);
+        assert_eq!(conn.read_line().await.unwrap(), Frame::Line);
+        assert_eq!(conn.line().len(), 200 * K);
+        // What is allocated is what is reserved: the longest line's worth.
+        assert!(conn.line.capacity() <= 256 * K, "{}", conn.line.capacity());
+        assert_eq!(budget.available(), 300 * K - (256 * K - FIXED_BUFFER));
+        let hold = conn.release_line();
+        assert_eq!(conn.line.capacity(), 0);
+        drop(hold);
+        assert_eq!(budget.available(), 300 * K);
+        // A short line needs nothing from the budget.
+        assert_eq!(conn.read_line().await.unwrap(), Frame::Line);
+        assert_eq!(conn.line(), b"{}");
+        assert!(conn.release_line().is_none());
     }
 
     #[tokio::test]

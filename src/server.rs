@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, Admitted, Ticket};
-use crate::connection::{self, Connection, Frame, PeerStream};
+use crate::budget::{Budget, Reservation};
+use crate::connection::{self, Connection, Frame, PeerStream, FIXED_BUFFER};
 use crate::handler::Handler;
 use crate::peers::Peers;
 use crate::protocol;
@@ -21,6 +22,9 @@ use crate::storage::Storage;
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// How long input is drained after a too-large message before closing.
 const TOO_LARGE_DRAIN: Duration = Duration::from_secs(1);
+/// A reply's bytes besides its value: the id (at most
+/// `protocol::MAX_ID_BYTES`) and the reply's own fields, with room to spare.
+const REPLY_OVERHEAD: usize = 1024;
 /// How long an idle connection may take to flush what it still holds
 /// before it is closed anyway (its peer has not been reading).
 const IDLE_CLOSE_FLUSH: Duration = Duration::from_secs(1);
@@ -33,6 +37,8 @@ pub struct Server<S> {
     pub max_line: usize,
     /// `network.idle_timeout`.
     pub idle_timeout: Duration,
+    /// `network.max_buffered_bytes`, shared by every connection.
+    pub budget: Arc<Budget>,
 }
 
 impl<S: Storage> Server<S> {
@@ -60,11 +66,13 @@ impl<S: Storage> Server<S> {
             let handler = Arc::clone(&self.handler);
             let peers = self.peers.clone();
             let cancel = cancel.clone();
-            let max_line = self.max_line;
-            let conn = Connection::tcp(stream, max_line).with_idle_timeout(self.idle_timeout);
+            let budget = Arc::clone(&self.budget);
+            let conn = Connection::tcp(stream, self.max_line)
+                .with_idle_timeout(self.idle_timeout)
+                .with_budget(Arc::clone(&budget));
             tracker.spawn(async move {
                 let _guard = peers.connected();
-                serve(conn, &handler, &peers, &ticket, &cancel).await;
+                serve(conn, &handler, &peers, &budget, &ticket, &cancel).await;
                 drop(ticket);
             });
         }
@@ -94,13 +102,24 @@ pub async fn accept(
 }
 
 /// Serves one connection: one reply per request line, in order.
+///
+/// Memory beyond the connection's fixed buffers comes from `budget`: for a
+/// long line (reserved by the connection as it reads, and kept while what
+/// was decoded from the line is in use), and for a reply that may be long
+/// (a get: reserved for the longest possible reply before it runs, then cut
+/// to the actual size until the peer has taken it). Both buffers shrink
+/// back afterwards.
 async fn serve<S: Storage, T: PeerStream>(
     mut conn: Connection<T>,
     handler: &Handler<S>,
     peers: &Peers,
+    budget: &Budget,
     ticket: &Ticket,
     cancel: &CancellationToken,
 ) {
+    // The longest reply beyond the fixed write buffer: a value as long as
+    // the longest request, plus the id and the reply's own fields.
+    let longest_reply = (conn.max_line() + REPLY_OVERHEAD).saturating_sub(FIXED_BUFFER);
     let mut out = Vec::with_capacity(256);
     loop {
         // At shutdown, requests already received are answered; nothing more is read.
@@ -117,14 +136,7 @@ async fn serve<S: Storage, T: PeerStream>(
         };
         out.clear();
         match frame {
-            Ok(Frame::Line) => {
-                if protocol::is_blank(conn.line()) {
-                    continue;
-                }
-                ticket.served();
-                conn.restart_idle_timer();
-                handler.handle(conn.line(), &mut out).await;
-            }
+            Ok(Frame::Line) => {}
             Ok(Frame::Closed) => return,
             Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
             Err(_) => return,
@@ -136,17 +148,62 @@ async fn serve<S: Storage, T: PeerStream>(
                 return;
             }
         }
+        if protocol::is_blank(conn.line()) {
+            // Not a request; a long one gives its memory back all the same.
+            drop(conn.release_line());
+            continue;
+        }
+        ticket.served();
+        conn.restart_idle_timer();
+        let request = handler.decode(conn.line());
+        let mut hold = conn.release_line();
+        if request.reply_may_be_large() && longest_reply > 0 {
+            // One reservation at a time: the line's goes back first.
+            drop(hold);
+            hold = match reserve_reply(&mut conn, budget, longest_reply).await {
+                Ok(reply_hold) => Some(reply_hold),
+                Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
+                Err(_) => return,
+            };
+        }
+        handler.execute(request, &mut out).await;
+        if let Some(hold) = &mut hold {
+            hold.shrink_to(out.capacity().saturating_sub(FIXED_BUFFER));
+        }
         match conn.write(&out).await {
             Ok(()) => {}
             Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
             Err(_) => return,
         }
+        // The reply is with the kernel, or in the fixed write buffer: its
+        // memory goes back, and the budget with it.
+        if out.capacity() > FIXED_BUFFER {
+            out = Vec::with_capacity(256);
+        }
+        drop(hold);
     }
     let deadline = tokio::time::Instant::now() + FINAL_FLUSH;
     let _ = tokio::time::timeout_at(deadline, conn.shutdown()).await;
     // The peer may still be sending; closing now would reset the connection
     // and drop replies it has not received yet.
     conn.wait_delivered(deadline).await;
+}
+
+/// Reserves `bytes` for a reply. If they are not free now, the replies
+/// already due are sent first, then it waits; the peer's idle time starts
+/// over afterwards, as the wait was the agent's.
+async fn reserve_reply<T: PeerStream>(
+    conn: &mut Connection<T>,
+    budget: &Budget,
+    bytes: usize,
+) -> std::io::Result<Reservation> {
+    if let Some(hold) = budget.try_reserve(bytes) {
+        return Ok(hold);
+    }
+    conn.flush().await?;
+    let hold = conn.reserve_unless_failed(budget, bytes).await?;
+    conn.restart_idle_timer();
+    Ok(hold)
 }
 
 /// Closes a connection whose peer completed no request within
