@@ -2181,32 +2181,56 @@ fn memory_stays_bounded_with_400_peers_and_1_mib_messages_and_returns_after() {
         .build()
         .unwrap();
     let addr = agent.peer_addr;
-    let put = Arc::new(put);
-    // 400 peers each send a 1 MiB put at once and read its reply.
-    let puts_started = Instant::now();
-    let tasks: Vec<_> = (0..PEERS)
+    // 400 peers connect (64 handshakes at a time, as the other tests do),
+    // and the agent has them all before any sends: this is about memory,
+    // not about a listen backlog overflowing on a loaded machine.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+    let connected: Vec<tokio::net::TcpStream> = (0..PEERS)
         .map(|i| {
-            let put = Arc::clone(&put);
+            let connecting = Arc::clone(&connecting);
             rt.spawn(async move {
-                use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+                let _permit = connecting.acquire().await.unwrap();
                 let socket = tokio::net::TcpSocket::new_v4().unwrap();
                 // A small receive buffer: unread replies back up in the
                 // agent soon, not in this process's kernel buffers.
                 socket.set_recv_buffer_size(4096).unwrap();
-                let mut s = tokio::time::timeout(WAIT, socket.connect(addr))
+                tokio::time::timeout(WAIT, socket.connect(addr))
                     .await
                     .map_err(|_| format!("peer {i}: connect timed out"))?
-                    .map_err(|e| format!("peer {i}: connect: {e}"))?;
+                    .map_err(|e| format!("peer {i}: connect: {e}"))
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| {
+            rt.block_on(t)
+                .expect("task")
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    wait_for_value(&agent, "agent_peers_connected", &[], PEERS as f64);
+    // Each sends a 1 MiB put at once and reads its reply.
+    let put = Arc::new(put);
+    let puts_started = Instant::now();
+    let tasks: Vec<_> = connected
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            let put = Arc::clone(&put);
+            rt.spawn(async move {
+                use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
                 s.write_all(put.as_bytes())
                     .await
-                    .map_err(|e| e.to_string())?;
-                s.write_all(b"\n").await.map_err(|e| e.to_string())?;
+                    .map_err(|e| format!("peer {i}: sending its put: {e}"))?;
+                s.write_all(b"\n")
+                    .await
+                    .map_err(|e| format!("peer {i}: sending its put: {e}"))?;
                 let mut reply = String::new();
                 let mut reader = tokio::io::BufReader::new(&mut s);
                 tokio::time::timeout(2 * WAIT, reader.read_line(&mut reply))
                     .await
                     .map_err(|_| format!("peer {i}: no reply to its put"))?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| format!("peer {i}: reading its put's reply: {e}"))?;
                 if reply != "{\"ok\":true}\n" {
                     return Err(format!("peer {i}: put reply {reply:.80}"));
                 }
@@ -2226,7 +2250,7 @@ fn memory_stays_bounded_with_400_peers_and_1_mib_messages_and_returns_after() {
         .map(|t| {
             rt.block_on(t)
                 .expect("task")
-                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()))
         })
         .collect();
     // Settled: the 400 stay connected, idle, their large message behind them.
