@@ -11,6 +11,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::Budget;
 use crate::config::{Config, Resolved};
 use crate::handler::Handler;
 use crate::peers::{self, DialPolicy, Peers};
@@ -87,6 +88,8 @@ pub async fn run(
             acceptor: TlsAcceptor::from(Arc::clone(&tls.server)),
             handshake_timeout: config.network.tls.handshake_timeout,
         }),
+        idle_timeout: config.network.idle_timeout,
+        budget: Budget::new(config.network.max_buffered_bytes),
     };
     warn_if_open(&resolved);
     tracker.spawn(server.run(tracker.clone(), cancel.clone()));
@@ -108,6 +111,17 @@ pub async fn run(
         metrics_networks,
     };
     live.dial(live.config.network.peers.clone());
+    if !live.config.network.peers.is_empty()
+        && live.config.network.idle_timeout <= live.config.network.ping_interval
+    {
+        // Another agent with the same settings would close our keepalive
+        // connections between two pings, and we theirs.
+        tracing::warn!(
+            idle_timeout = ?live.config.network.idle_timeout,
+            ping_interval = ?live.config.network.ping_interval,
+            "network.idle_timeout is not longer than network.ping_interval: peers with these settings close each other's connections between pings"
+        );
+    }
     tracing::info!("agent ready");
     // systemd's Type=notify: started means listening, storage open. Without
     // NOTIFY_SOCKET (not under systemd) this does nothing.

@@ -86,7 +86,15 @@ pub struct NetworkConfig {
     pub listen: String,
     pub peers: Vec<String>,
     pub max_connections: usize,
+    /// An inbound connection with no complete request for this long is
+    /// closed, so silent connections cannot hold every slot.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Bytes all inbound connections together may buffer beyond their fixed
+    /// 64 KiB buffers: long request lines, and replies waiting for peers
+    /// that do not read them. At the limit, connections wait.
+    pub max_buffered_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -140,7 +148,9 @@ impl Default for NetworkConfig {
             listen: "0.0.0.0:7070".into(),
             peers: Vec::new(),
             max_connections: 1024,
+            idle_timeout: Duration::from_secs(5 * 60),
             max_message_bytes: 1024 * 1024,
+            max_buffered_bytes: 64 * 1024 * 1024,
             ping_interval: Duration::from_secs(10),
             max_redial_backoff: Duration::from_secs(30),
             allowed_networks: Vec::new(),
@@ -425,10 +435,22 @@ impl Config {
                 "must be at least 1, got 0",
             ));
         }
+        if self.network.idle_timeout.is_zero() {
+            return Err(invalid("network.idle_timeout", "must be greater than 0"));
+        }
         if self.network.max_message_bytes == 0 {
             return Err(invalid(
                 "network.max_message_bytes",
                 "must be at least 1, got 0",
+            ));
+        }
+        if self.network.max_buffered_bytes < self.network.max_message_bytes {
+            return Err(invalid(
+                "network.max_buffered_bytes",
+                format!(
+                    "must be at least network.max_message_bytes ({}), got {}",
+                    self.network.max_message_bytes, self.network.max_buffered_bytes
+                ),
             ));
         }
         if self.network.ping_interval.is_zero() {
@@ -938,6 +960,12 @@ mod tests {
                 "network:\n  max_message_bytes: 0\n",
                 "network.max_message_bytes",
             ),
+            ("network:\n  idle_timeout: 0s\n", "network.idle_timeout"),
+            (
+                "network:\n  max_buffered_bytes: 1048575\n",
+                "network.max_buffered_bytes",
+            ),
+            ("network:\n  idle_timeout: soon\n", "network.idle_timeout"),
             ("network:\n  peers: [\"nohost\"]\n", "network.peers[0]"),
             ("metrics:\n  prot: 8080\n", "metrics.prot"),
             ("bogus: 1\n", "bogus"),

@@ -5,16 +5,31 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::value::RawValue;
-
 use crate::peer_text::preview;
-use crate::protocol::{self, FailReason, Failure, Outcome, Request};
+use crate::protocol::{self, EchoId, FailReason, Failure, Outcome, Request};
 use crate::storage::Storage;
 use crate::telemetry::{MessageMetrics, Start};
 use crate::throttle::Throttle;
 
 /// At most one summary of failed messages per this period.
 const FAILURE_SUMMARY_PERIOD: Duration = Duration::from_secs(10);
+
+/// A request line decoded into owned parts, counted as received: the
+/// line's buffer can be released before the request runs.
+pub struct Decoded {
+    start: Start,
+    id: Option<EchoId>,
+    request: Result<Request, Failure>,
+}
+
+impl Decoded {
+    /// Whether the reply can be large. Only a `get` returns data of any
+    /// size; every other reply is at most about a kilobyte (bounded id,
+    /// bounded error texts).
+    pub fn reply_may_be_large(&self) -> bool {
+        matches!(self.request, Ok(Request::Get { .. }))
+    }
+}
 
 /// Message handling shared by every connection.
 pub struct Handler<S> {
@@ -74,16 +89,34 @@ impl<S: Storage> Handler<S> {
         &self.storage
     }
 
-    /// Handles one complete line and appends its reply to `out`.
+    /// Handles one complete line and appends its reply to `out`:
+    /// [`Handler::decode`] then [`Handler::execute`], as the server does.
     pub async fn handle(&self, line: &[u8], out: &mut Vec<u8>) {
+        let decoded = self.decode(line);
+        self.execute(decoded, out).await;
+    }
+
+    /// Counts one received message and decodes it; its processing time
+    /// runs from here to the end of [`Handler::execute`].
+    pub fn decode(&self, line: &[u8]) -> Decoded {
         let start = self.metrics.duration.start();
         self.metrics.received.increment(1);
         let (id, request) = protocol::decode(line);
-        let outcome = match request {
-            Ok(request) => self.execute(request).await,
+        Decoded {
+            start,
+            // decode never returns an id longer than an EchoId holds.
+            id: id.and_then(EchoId::new),
+            request,
+        }
+    }
+
+    /// Runs a decoded request and appends its reply to `out`.
+    pub async fn execute(&self, decoded: Decoded, out: &mut Vec<u8>) {
+        let outcome = match decoded.request {
+            Ok(request) => self.run(request).await,
             Err(failure) => Outcome::Failed(failure),
         };
-        self.reply(start, id, &outcome, out);
+        self.reply(decoded.start, decoded.id.as_ref(), &outcome, out);
     }
 
     /// Appends the reply for a line longer than the limit, which is counted
@@ -101,16 +134,16 @@ impl<S: Storage> Handler<S> {
     }
 
     /// Counts a failure, encodes the reply and records the message's duration.
-    fn reply(&self, start: Start, id: Option<&RawValue>, outcome: &Outcome, out: &mut Vec<u8>) {
+    fn reply(&self, start: Start, id: Option<&EchoId>, outcome: &Outcome, out: &mut Vec<u8>) {
         if let Outcome::Failed(f) = outcome {
             self.metrics.failed(f.reason).increment(1);
             self.failures.record(f);
         }
-        protocol::encode(out, id, outcome);
+        protocol::encode(out, id.map(EchoId::as_bytes), outcome);
         self.metrics.duration.record_since(start);
     }
 
-    async fn execute(&self, request: Request) -> Outcome {
+    async fn run(&self, request: Request) -> Outcome {
         let result = match request {
             Request::Ping => return Outcome::Ok,
             Request::Get { key } => self.storage.get(&key).await.map(Outcome::Value),

@@ -5,13 +5,16 @@
 //! - [`app`]: startup and graceful shutdown, wiring everything below.
 //! - [`config`]: defaults, YAML file and `AGENT_*` environment, validated.
 //! - [`server`], [`connection`], [`handler`], [`protocol`]: the peer protocol
-//!   from socket to reply.
+//!   from socket to reply; [`admission`]: the connection cap; [`budget`]:
+//!   memory for large messages, shared by all connections.
 //! - [`peers`]: peer accounting and outbound peers; [`peer_text`]: peer bytes
 //!   in logs, escaped, truncated and throttled.
 //! - [`storage`]: the `Storage` trait, its backends and the metrics wrapper.
 //! - [`telemetry`]: every metric's definition, exporter setup, `/metrics`.
 
+pub mod admission;
 pub mod app;
+pub mod budget;
 pub mod config;
 pub mod connection;
 pub mod handler;

@@ -134,6 +134,7 @@ fn run(
     resolved: agent::config::Resolved,
     config_file: Option<PathBuf>,
 ) -> ExitCode {
+    return_large_allocations_to_the_os();
     let set_log_level = init_logging(&config);
     log_panics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -180,6 +181,22 @@ fn run(
             eprintln!("agent: {e}");
             ExitCode::from(EXIT_RUNTIME)
         }
+    }
+}
+
+/// Makes glibc serve every allocation of 128 KiB or more with its own
+/// mapping, returned to the OS when freed. By default the threshold rises
+/// to the largest block freed so far (up to 32 MiB), after which large
+/// message buffers come from the heap arenas and their memory stays with
+/// the process: after 400 peers exchanged 1 MiB messages and closed, the
+/// agent kept about 490 MiB resident. Setting the threshold explicitly
+/// turns that adjustment off.
+fn return_large_allocations_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; it runs before any other
+    // thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
     }
 }
 

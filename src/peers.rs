@@ -43,6 +43,17 @@ impl Peers {
         self.metrics.rejected.increment(1);
     }
 
+    /// An inbound connection that never completed a request gave way to a
+    /// newcomer at the connection cap.
+    pub fn evicted(&self) {
+        self.metrics.evicted.increment(1);
+    }
+
+    /// An inbound connection was closed after `network.idle_timeout`.
+    pub fn idle_closed(&self) {
+        self.metrics.idle_closed.increment(1);
+    }
+
     /// Sets `agent_peers_configured`: how many outbound peers are configured.
     pub fn configured(&self, n: usize) {
         self.metrics.configured.set(n as f64);

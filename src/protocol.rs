@@ -86,6 +86,34 @@ impl Failure {
     }
 }
 
+/// A request's `id` as sent, copied out of the line (it is at most
+/// [`MAX_ID_BYTES`], see [`decode`]), so that the line's buffer can be
+/// released while the request runs and the reply still echoes the id.
+#[derive(Clone, Copy)]
+pub struct EchoId {
+    len: usize,
+    bytes: [u8; MAX_ID_BYTES],
+}
+
+impl EchoId {
+    /// The id's JSON text; None if it is longer than [`MAX_ID_BYTES`]
+    /// (which [`decode`] never returns).
+    pub fn new(raw: &RawValue) -> Option<Self> {
+        let text = raw.get().as_bytes();
+        let mut bytes = [0; MAX_ID_BYTES];
+        bytes.get_mut(..text.len())?.copy_from_slice(text);
+        Some(Self {
+            len: text.len(),
+            bytes,
+        })
+    }
+
+    /// The JSON text, exactly as the peer sent it.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// The outcome of a request, before encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -276,12 +304,13 @@ fn quoted_prefix(s: &str, max: usize) -> String {
     }
 }
 
-/// Appends the reply line (with its newline) for `outcome` to `out`.
-pub fn encode(out: &mut Vec<u8>, id: Option<&RawValue>, outcome: &Outcome) {
+/// Appends the reply line (with its newline) for `outcome` to `out`; `id`
+/// is the request's id as sent (JSON text), echoed verbatim.
+pub fn encode(out: &mut Vec<u8>, id: Option<&[u8]>, outcome: &Outcome) {
     out.push(b'{');
     if let Some(id) = id {
         out.extend_from_slice(b"\"id\":");
-        out.extend_from_slice(id.get().as_bytes());
+        out.extend_from_slice(id);
         out.push(b',');
     }
     match outcome {
@@ -289,6 +318,9 @@ pub fn encode(out: &mut Vec<u8>, id: Option<&RawValue>, outcome: &Outcome) {
         Outcome::Value(None) => out.extend_from_slice(b"\"ok\":true,\"value\":null"),
         Outcome::Value(Some(v)) => {
             out.extend_from_slice(b"\"ok\":true,\"value\":");
+            // Room for the value as it usually encodes (quotes, few
+            // escapes), so a large one is not copied through doublings.
+            out.reserve(v.len() + 4);
             write_json_str(out, v);
         }
         Outcome::Deleted(d) => {
@@ -322,7 +354,8 @@ mod tests {
             Err(f) => Outcome::Failed(f),
         };
         let mut out = Vec::new();
-        encode(&mut out, id, &outcome);
+        let id = id.map(|id| EchoId::new(id).expect("decode bounds the id"));
+        encode(&mut out, id.as_ref().map(EchoId::as_bytes), &outcome);
         String::from_utf8(out).unwrap()
     }
 

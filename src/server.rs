@@ -1,5 +1,7 @@
-//! The peer listener: admits connections (allow-list, connection limit,
-//! TLS handshake), and serves each connection in its own task.
+//! The peer listener: admits connections (the allow-list, then the
+//! connection limit, evicting never-served connections first, see
+//! [`crate::admission`], then the TLS handshake), closes idle ones, and
+//! serves each connection in its own task.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,13 +9,14 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::{self, Connection, Frame, PeerStream};
+use crate::admission::{Admission, Admitted, Ticket};
+use crate::budget::{Budget, Reservation};
+use crate::connection::{self, Connection, Frame, PeerStream, FIXED_BUFFER};
 use crate::handler::Handler;
 use crate::net::{accept, allowed};
 use crate::peers::Peers;
@@ -25,6 +28,12 @@ use crate::telemetry::DenyReason;
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// How long input is drained after a too-large message before closing.
 const TOO_LARGE_DRAIN: Duration = Duration::from_secs(1);
+/// A reply's bytes besides its value: the id (at most
+/// `protocol::MAX_ID_BYTES`) and the reply's own fields, with room to spare.
+const REPLY_OVERHEAD: usize = 1024;
+/// How long an idle connection may take to flush what it still holds
+/// before it is closed anyway (its peer has not been reading).
+const IDLE_CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 pub struct Server<S> {
     pub listener: TcpListener,
@@ -32,6 +41,10 @@ pub struct Server<S> {
     pub peers: Peers,
     pub max_connections: usize,
     pub max_line: usize,
+    /// `network.idle_timeout`.
+    pub idle_timeout: Duration,
+    /// `network.max_buffered_bytes`, shared by every connection.
+    pub budget: Arc<Budget>,
     /// `network.allowed_networks`; empty admits every address.
     pub allowed_networks: Vec<IpNet>,
     /// Mutual TLS, when `network.tls` is set.
@@ -50,7 +63,7 @@ pub struct PeerTlsAcceptor {
 impl<S: Storage> Server<S> {
     /// Accepts until `cancel` fires; connection tasks join `tracker`.
     pub async fn run(self, tracker: TaskTracker, cancel: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let admission = Admission::new(self.max_connections);
         loop {
             let Some((stream, remote)) = accept(&self.listener, &cancel, "peer listener").await
             else {
@@ -63,32 +76,51 @@ impl<S: Storage> Server<S> {
                 tracing::debug!(%remote, "not in network.allowed_networks; closing connection");
                 continue;
             }
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                self.peers.rejected();
-                tracing::debug!(%remote, "network.max_connections reached; closing connection");
-                continue;
+            let ticket = match admission.admit() {
+                Admitted::Yes(ticket) => ticket,
+                Admitted::Evicting(ticket) => {
+                    self.peers.evicted();
+                    tracing::debug!(%remote, "network.max_connections reached; a connection that never completed a request makes room");
+                    ticket
+                }
+                Admitted::Refused => {
+                    self.peers.rejected();
+                    tracing::debug!(%remote, "network.max_connections reached; closing connection");
+                    continue;
+                }
             };
             let handler = Arc::clone(&self.handler);
             let peers = self.peers.clone();
             let cancel = cancel.clone();
-            let max_line = self.max_line;
-            let tls = self.tls.clone();
+            let budget = Arc::clone(&self.budget);
+            let (max_line, idle_timeout) = (self.max_line, self.idle_timeout);
+            let Some(tls) = self.tls.clone() else {
+                let conn = Connection::tcp(stream, max_line)
+                    .with_idle_timeout(idle_timeout)
+                    .with_budget(Arc::clone(&budget));
+                tracker.spawn(async move {
+                    let _guard = peers.connected();
+                    serve(conn, &handler, &peers, &budget, &ticket, &cancel).await;
+                    drop(ticket);
+                });
+                continue;
+            };
             tracker.spawn(async move {
                 connection::prepare(&stream);
-                match tls {
-                    None => {
-                        let _guard = peers.connected();
-                        serve(stream, &handler, max_line, &cancel).await;
-                    }
-                    Some(tls) => {
-                        if let Some(stream) = handshake(stream, remote, &tls, &peers, &cancel).await
-                        {
-                            let _guard = peers.connected();
-                            serve(stream, &handler, max_line, &cancel).await;
-                        }
-                    }
+                // A connection still in its handshake has completed no
+                // request, so it may be evicted at the cap like any other.
+                let stream = tokio::select! {
+                    s = handshake(stream, remote, &tls, &peers, &cancel) => s,
+                    _ = ticket.evicted() => None,
+                };
+                if let Some(stream) = stream {
+                    let conn = Connection::new(stream, max_line)
+                        .with_idle_timeout(idle_timeout)
+                        .with_budget(Arc::clone(&budget));
+                    let _guard = peers.connected();
+                    serve(conn, &handler, &peers, &budget, &ticket, &cancel).await;
                 }
-                drop(slot);
+                drop(ticket);
             });
         }
     }
@@ -133,13 +165,24 @@ fn classify(e: &std::io::Error) -> DenyReason {
 }
 
 /// Serves one connection: one reply per request line, in order.
-async fn serve<S: Storage, IO: PeerStream>(
-    stream: IO,
+///
+/// Memory beyond the connection's fixed buffers comes from `budget`: for a
+/// long line (reserved by the connection as it reads, and kept while what
+/// was decoded from the line is in use), and for a reply that may be long
+/// (a get: reserved for the longest possible reply before it runs, then cut
+/// to the actual size until the peer has taken it). Both buffers shrink
+/// back afterwards.
+async fn serve<S: Storage, T: PeerStream>(
+    mut conn: Connection<T>,
     handler: &Handler<S>,
-    max_line: usize,
+    peers: &Peers,
+    budget: &Budget,
+    ticket: &Ticket,
     cancel: &CancellationToken,
 ) {
-    let mut conn = Connection::new(stream, max_line);
+    // The longest reply beyond the fixed write buffer: a value as long as
+    // the longest request, plus the id and the reply's own fields.
+    let longest_reply = (conn.max_line() + REPLY_OVERHEAD).saturating_sub(FIXED_BUFFER);
     let mut out = Vec::with_capacity(256);
     loop {
         // At shutdown, requests already received are answered; nothing more is read.
@@ -150,31 +193,86 @@ async fn serve<S: Storage, IO: PeerStream>(
             biased;
             frame = conn.read_line() => frame,
             _ = cancel.cancelled() => break,
+            // Counted at admission; it never completed a request, so no
+            // reply is owed.
+            _ = ticket.evicted() => return,
         };
         out.clear();
         match frame {
-            Ok(Frame::Line) => {
-                if protocol::is_blank(conn.line()) {
-                    continue;
-                }
-                handler.handle(conn.line(), &mut out).await;
-            }
-            Ok(Frame::Closed) | Err(_) => return,
+            Ok(Frame::Line) => {}
+            Ok(Frame::Closed) => return,
+            Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
+            Err(_) => return,
             Ok(Frame::TooLarge) => {
-                handler.too_large(max_line, &mut out);
+                handler.too_large(conn.max_line(), &mut out);
                 let _ = conn.write(&out).await;
                 let _ = tokio::time::timeout(FINAL_FLUSH, conn.shutdown()).await;
                 conn.discard_input(TOO_LARGE_DRAIN).await;
                 return;
             }
         }
-        if conn.write(&out).await.is_err() {
-            return;
+        if protocol::is_blank(conn.line()) {
+            // Not a request; a long one gives its memory back all the same.
+            drop(conn.release_line());
+            continue;
         }
+        ticket.served();
+        conn.restart_idle_timer();
+        let request = handler.decode(conn.line());
+        let mut hold = conn.release_line();
+        if request.reply_may_be_large() && longest_reply > 0 {
+            // One reservation at a time: the line's goes back first.
+            drop(hold);
+            hold = match reserve_reply(&mut conn, budget, longest_reply).await {
+                Ok(reply_hold) => Some(reply_hold),
+                Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
+                Err(_) => return,
+            };
+        }
+        handler.execute(request, &mut out).await;
+        if let Some(hold) = &mut hold {
+            hold.shrink_to(out.capacity().saturating_sub(FIXED_BUFFER));
+        }
+        match conn.write(&out).await {
+            Ok(()) => {}
+            Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
+            Err(_) => return,
+        }
+        // The reply is with the kernel, or in the fixed write buffer: its
+        // memory goes back, and the budget with it.
+        if out.capacity() > FIXED_BUFFER {
+            out = Vec::with_capacity(256);
+        }
+        drop(hold);
     }
     let deadline = tokio::time::Instant::now() + FINAL_FLUSH;
     let _ = tokio::time::timeout_at(deadline, conn.shutdown()).await;
     // The peer may still be sending; closing now would reset the connection
     // and drop replies it has not received yet.
     conn.wait_delivered(deadline).await;
+}
+
+/// Reserves `bytes` for a reply. If they are not free now, the replies
+/// already due are sent first, then it waits; the peer's idle time starts
+/// over afterwards, as the wait was the agent's.
+async fn reserve_reply<T: PeerStream>(
+    conn: &mut Connection<T>,
+    budget: &Budget,
+    bytes: usize,
+) -> std::io::Result<Reservation> {
+    if let Some(hold) = budget.try_reserve(bytes) {
+        return Ok(hold);
+    }
+    conn.flush().await?;
+    let hold = conn.reserve_unless_failed(budget, bytes).await?;
+    conn.restart_idle_timer();
+    Ok(hold)
+}
+
+/// Closes a connection whose peer completed no request within
+/// `network.idle_timeout`, and counts it.
+async fn close_idle<T: PeerStream>(mut conn: Connection<T>, peers: &Peers) {
+    peers.idle_closed();
+    tracing::debug!("closing a peer connection idle for network.idle_timeout");
+    let _ = tokio::time::timeout(IDLE_CLOSE_FLUSH, conn.shutdown()).await;
 }

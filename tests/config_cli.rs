@@ -71,6 +71,11 @@ const BAD_FILES: &[(&str, &str)] = &[
         "network:\n  max_message_bytes: 0\n",
         "network.max_message_bytes: ",
     ),
+    ("network:\n  idle_timeout: 0s\n", "network.idle_timeout: "),
+    (
+        "network:\n  max_buffered_bytes: 0\n",
+        "network.max_buffered_bytes: must be at least network.max_message_bytes (1048576), got 0",
+    ),
     ("network:\n  peers: [\"nohost\"]\n", "network.peers[0]: "),
     ("bogus: 1\n", "bogus: unknown key"),
     ("log:\n  format: xml\n", "log.format: "),

@@ -68,6 +68,8 @@ fn expected() -> Counts {
         series_key("agent_storage_panics_total", &[("backend", "local")]),
         0.0,
     );
+    want.insert(series_key("agent_connections_evicted_total", &[]), 0.0);
+    want.insert(series_key("agent_connections_idle_closed_total", &[]), 0.0);
     for reason in REASONS {
         let n = if reason == "unknown_op" {
             UNKNOWN_OPS

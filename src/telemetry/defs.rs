@@ -18,6 +18,8 @@ pub const AGENT_PEER_CONNECTIONS_DENIED_TOTAL: &str = "agent_peer_connections_de
 pub const AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL: &str = "agent_http_requests_unauthorized_total";
 pub const AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL: &str = "agent_http_tls_handshake_failures_total";
 pub const AGENT_METRICS_SCRAPES_TOTAL: &str = "agent_metrics_scrapes_total";
+pub const AGENT_CONNECTIONS_EVICTED_TOTAL: &str = "agent_connections_evicted_total";
+pub const AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL: &str = "agent_connections_idle_closed_total";
 pub const MESSAGES_RECEIVED_TOTAL: &str = "messages_received_total";
 pub const MESSAGES_FAILED_TOTAL: &str = "messages_failed_total";
 pub const MESSAGE_PROCESSING_DURATION_SECONDS: &str = "message_processing_duration_seconds";
@@ -176,6 +178,20 @@ pub const METRICS: &[MetricDef] = &[
         Some(Unit::Count),
         "Requests to metrics.path, by HTTP status code; a served scrape counts itself.",
         &["code"],
+    ),
+    agent(
+        AGENT_CONNECTIONS_EVICTED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Inbound peer connections that had never completed a request, closed at network.max_connections to make room for a new one.",
+        &[],
+    ),
+    agent(
+        AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Inbound peer connections closed because no complete request arrived within network.idle_timeout.",
+        &[],
     ),
     agent(
         MESSAGES_RECEIVED_TOTAL,

@@ -129,11 +129,15 @@ impl StorageHealthMetrics {
     }
 }
 
-/// `agent_peers_connected` plus the rejected- and denied-connection counters.
+/// `agent_peers_connected` and `agent_peers_configured`, plus the counters of
+/// inbound connections the agent closed on its own: rejected, denied,
+/// evicted, idle.
 #[derive(Clone)]
 pub struct PeerMetrics {
     pub connected: Gauge,
     pub configured: Gauge,
+    pub evicted: Counter,
+    pub idle_closed: Counter,
     pub rejected: Counter,
     denied: [Counter; DenyReason::ALL.len()],
 }
@@ -143,6 +147,8 @@ impl PeerMetrics {
         Self {
             connected: metrics::gauge!(AGENT_PEERS_CONNECTED),
             configured: metrics::gauge!(AGENT_PEERS_CONFIGURED),
+            evicted: metrics::counter!(AGENT_CONNECTIONS_EVICTED_TOTAL),
+            idle_closed: metrics::counter!(AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL),
             rejected: metrics::counter!(AGENT_CONNECTIONS_REJECTED_TOTAL),
             denied: DenyReason::ALL.map(
                 |r| metrics::counter!(AGENT_PEER_CONNECTIONS_DENIED_TOTAL, label(AGENT_PEER_CONNECTIONS_DENIED_TOTAL) => r.as_str()),

@@ -1,0 +1,176 @@
+//! The inbound connection cap (`network.max_connections`) with eviction.
+//!
+//! Refusing every newcomer at the cap would let a few hundred silent
+//! connections lock out every peer until they close (issue #15: 1,024 idle
+//! sockets held the agent indefinitely). So, as the metrics endpoint does, a
+//! newcomer at the cap is still admitted when some open connection has never
+//! completed a request: the oldest such one gives way. Only when every open
+//! connection has been served is the newcomer refused. Idle connections are
+//! also closed after `network.idle_timeout` by the server.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+/// The open inbound connections, oldest first.
+pub struct Admission {
+    /// `network.max_connections`.
+    max: usize,
+    open: Mutex<Open>,
+}
+
+struct Open {
+    /// Id of the next admitted connection; ids only grow, so `slots` stays
+    /// sorted by id.
+    next_id: u64,
+    slots: VecDeque<Arc<Slot>>,
+}
+
+/// One admitted connection, as the cap sees it.
+struct Slot {
+    id: u64,
+    /// Set once the connection completed a request; from then on it is
+    /// never evicted.
+    served: AtomicBool,
+    /// Cancelled when the connection must give way to a newcomer.
+    evict: CancellationToken,
+}
+
+/// What [`Admission::admit`] decided.
+pub enum Admitted {
+    /// Room was free.
+    Yes(Ticket),
+    /// At the cap: the oldest never-served connection was told to close.
+    Evicting(Ticket),
+    /// At the cap, and every open connection has been served.
+    Refused,
+}
+
+/// Holds a place under the cap for one connection; gives it back on drop.
+pub struct Ticket {
+    admission: Arc<Admission>,
+    slot: Arc<Slot>,
+}
+
+impl Admission {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            open: Mutex::new(Open {
+                next_id: 0,
+                slots: VecDeque::new(),
+            }),
+        })
+    }
+
+    /// Admits a new connection, evicting the oldest never-served one at the
+    /// cap, or refuses it when every open connection has been served.
+    pub fn admit(self: &Arc<Self>) -> Admitted {
+        // A poisoned lock only means another thread panicked mid-update of
+        // plain data; the queue is still usable.
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut evicted = false;
+        if open.slots.len() >= self.max {
+            let victim = open
+                .slots
+                .iter()
+                .position(|s| !s.served.load(Ordering::Relaxed));
+            match victim.and_then(|i| open.slots.remove(i)) {
+                Some(v) => {
+                    v.evict.cancel();
+                    evicted = true;
+                }
+                None => return Admitted::Refused,
+            }
+        }
+        let slot = Arc::new(Slot {
+            id: open.next_id,
+            served: AtomicBool::new(false),
+            evict: CancellationToken::new(),
+        });
+        open.next_id += 1;
+        open.slots.push_back(Arc::clone(&slot));
+        let ticket = Ticket {
+            admission: Arc::clone(self),
+            slot,
+        };
+        if evicted {
+            Admitted::Evicting(ticket)
+        } else {
+            Admitted::Yes(ticket)
+        }
+    }
+}
+
+impl Ticket {
+    /// The connection completed a request: it is no longer evictable.
+    pub fn served(&self) {
+        self.slot.served.store(true, Ordering::Relaxed);
+    }
+
+    /// Resolves when the connection must close to make room.
+    pub async fn evicted(&self) {
+        self.slot.evict.cancelled().await
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut open = self
+            .admission
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // An evicted slot is already gone from the queue.
+        if let Ok(i) = open.slots.binary_search_by_key(&self.slot.id, |s| s.id) {
+            open.slots.remove(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(a: Admitted) -> Ticket {
+        match a {
+            Admitted::Yes(t) | Admitted::Evicting(t) => t,
+            Admitted::Refused => panic!("refused"),
+        }
+    }
+
+    fn is_evicted(t: &Ticket) -> bool {
+        t.slot.evict.is_cancelled()
+    }
+
+    #[test]
+    fn evicts_the_oldest_never_served_then_refuses_when_all_are_served() {
+        let admission = Admission::new(3);
+        let a = ticket(admission.admit());
+        let b = ticket(admission.admit());
+        let c = ticket(admission.admit());
+        a.served();
+        // At the cap: b is the oldest that never completed a request.
+        let d = match admission.admit() {
+            Admitted::Evicting(t) => t,
+            _ => panic!("expected an eviction"),
+        };
+        assert!(is_evicted(&b) && !is_evicted(&a) && !is_evicted(&c));
+        drop(b); // its task ends; the slot was already given away
+        let e = ticket(admission.admit());
+        assert!(is_evicted(&c));
+        d.served();
+        e.served();
+        assert!(matches!(admission.admit(), Admitted::Refused));
+        // A served connection that closes frees its place.
+        drop(a);
+        let f = ticket(admission.admit());
+        assert!(matches!(admission.admit(), Admitted::Evicting(_)));
+        assert!(is_evicted(&f));
+        drop((c, d, e));
+        assert!(admission.open.lock().unwrap().slots.is_empty());
+        drop(f);
+    }
+}
