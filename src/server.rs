@@ -23,7 +23,10 @@ use crate::peers::Peers;
 use crate::protocol;
 use crate::storage::Storage;
 use crate::telemetry::DenyReason;
+use crate::throttle::Throttle;
 
+/// At most one warning about refused connections per this period.
+const REJECTION_LOG_PERIOD: Duration = Duration::from_secs(60);
 /// How long a closing connection may take to deliver its last replies.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// How long input is drained after a too-large message before closing.
@@ -64,6 +67,7 @@ impl<S: Storage> Server<S> {
     /// Accepts until `cancel` fires; connection tasks join `tracker`.
     pub async fn run(self, tracker: TaskTracker, cancel: CancellationToken) {
         let admission = Admission::new(self.max_connections);
+        let mut rejections = Throttle::new(REJECTION_LOG_PERIOD);
         loop {
             let Some((stream, remote)) = accept(&self.listener, &cancel, "peer listener").await
             else {
@@ -85,7 +89,19 @@ impl<S: Storage> Server<S> {
                 }
                 Admitted::Refused => {
                     self.peers.rejected();
-                    tracing::debug!(%remote, "network.max_connections reached; closing connection");
+                    // At the cap every new connection is refused: one line
+                    // a minute says so, with how many since the last one.
+                    match rejections.allow() {
+                        Some(suppressed) => tracing::warn!(
+                            %remote,
+                            max_connections = self.max_connections,
+                            suppressed,
+                            "network.max_connections reached: closing new peer connections"
+                        ),
+                        None => {
+                            tracing::debug!(%remote, "network.max_connections reached; closing connection")
+                        }
+                    }
                     continue;
                 }
             };
@@ -100,7 +116,8 @@ impl<S: Storage> Server<S> {
                     .with_budget(Arc::clone(&budget));
                 tracker.spawn(async move {
                     let _guard = peers.connected();
-                    serve(conn, &handler, &peers, &budget, &ticket, &cancel).await;
+                    let mut log = ConnLog::open(remote, false);
+                    serve(conn, &handler, &peers, &budget, &ticket, &cancel, &mut log).await;
                     drop(ticket);
                 });
                 continue;
@@ -118,11 +135,43 @@ impl<S: Storage> Server<S> {
                         .with_idle_timeout(idle_timeout)
                         .with_budget(Arc::clone(&budget));
                     let _guard = peers.connected();
-                    serve(conn, &handler, &peers, &budget, &ticket, &cancel).await;
+                    let mut log = ConnLog::open(remote, true);
+                    serve(conn, &handler, &peers, &budget, &ticket, &cancel, &mut log).await;
                 }
                 drop(ticket);
             });
         }
+    }
+}
+
+/// An inbound connection's life in the debug log: one line when it opens,
+/// one when it closes (however it ends), with its duration and messages.
+struct ConnLog {
+    remote: SocketAddr,
+    opened: std::time::Instant,
+    /// Complete requests read, including one too large.
+    messages: u64,
+}
+
+impl ConnLog {
+    fn open(remote: SocketAddr, tls: bool) -> Self {
+        tracing::debug!(%remote, tls, "peer connection open");
+        Self {
+            remote,
+            opened: std::time::Instant::now(),
+            messages: 0,
+        }
+    }
+}
+
+impl Drop for ConnLog {
+    fn drop(&mut self) {
+        tracing::debug!(
+            remote = %self.remote,
+            duration = ?self.opened.elapsed(),
+            messages = self.messages,
+            "peer connection closed"
+        );
     }
 }
 
@@ -179,6 +228,7 @@ async fn serve<S: Storage, T: PeerStream>(
     budget: &Budget,
     ticket: &Ticket,
     cancel: &CancellationToken,
+    log: &mut ConnLog,
 ) {
     // The longest reply beyond the fixed write buffer: a value as long as
     // the longest request, plus the id and the reply's own fields.
@@ -204,6 +254,7 @@ async fn serve<S: Storage, T: PeerStream>(
             Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
             Err(_) => return,
             Ok(Frame::TooLarge) => {
+                log.messages += 1;
                 handler.too_large(conn.max_line(), &mut out);
                 let _ = conn.write(&out).await;
                 let _ = tokio::time::timeout(FINAL_FLUSH, conn.shutdown()).await;
@@ -217,6 +268,7 @@ async fn serve<S: Storage, T: PeerStream>(
             continue;
         }
         ticket.served();
+        log.messages += 1;
         conn.restart_idle_timer();
         let request = handler.decode(conn.line());
         let mut hold = conn.release_line();
