@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::{self, Connection, Frame, PeerStream};
 use crate::peer_text::{preview, Throttle};
+use crate::protocol;
 use crate::telemetry::{DenyReason, PeerMetrics};
 
 /// Hands out guards that keep `agent_peers_connected` exact.
@@ -126,9 +127,9 @@ pub async fn maintain(addr: String, policy: DialPolicy, peers: Peers, cancel: Ca
                 }
                 if session.healthy {
                     backoff = MIN_BACKOFF;
-                    log.lost(&session.reason, backoff);
+                    log.lost(&session.reason.to_string(), backoff);
                 } else {
-                    log.failed(&session.reason, backoff);
+                    log.failed(&session.reason.to_string(), backoff);
                 }
             }
             Ok(Err(e)) => log.failed(&e.to_string(), backoff),
@@ -256,7 +257,36 @@ struct Session {
     /// At least one ping was answered correctly.
     healthy: bool,
     /// Why it ended.
-    reason: String,
+    reason: Lost,
+}
+
+/// Why an outbound connection ended; its text is what the log says.
+#[derive(Debug, thiserror::Error)]
+enum Lost {
+    /// Writing the ping failed.
+    #[error("{0}")]
+    Write(#[source] std::io::Error),
+    /// Reading failed (a reset, a broken pipe).
+    #[error("{0}")]
+    Read(#[source] std::io::Error),
+    /// The peer closed the connection.
+    #[error("closed by peer")]
+    Closed,
+    /// The reply was not the ping's answer; an escaped preview of it.
+    #[error("unexpected ping reply: {0}")]
+    UnexpectedReply(String),
+    /// The reply line was longer than any ping answer can be.
+    #[error("ping reply longer than {MAX_PING_REPLY} bytes")]
+    ReplyTooLong,
+    /// No reply within `network.ping_interval`.
+    #[error("no ping reply within {0:?}")]
+    NoReply(Duration),
+    /// The peer sent something while no ping was outstanding.
+    #[error("unexpected data from peer between pings")]
+    UnexpectedData,
+    /// The agent is shutting down.
+    #[error("shutdown")]
+    Shutdown,
 }
 
 /// Pings until the connection fails.
@@ -270,58 +300,49 @@ async fn keepalive<S: PeerStream>(
     let _guard = peers.connected();
     let mut conn = Connection::new(stream, MAX_PING_REPLY);
     let mut healthy = false;
-    let end = |healthy: bool, reason: String| Session { healthy, reason };
+    let end = |healthy: bool, reason: Lost| Session { healthy, reason };
     let mut seq: u64 = 0;
+    let mut ping = Vec::with_capacity(32);
     loop {
         seq += 1;
-        let ping = format!("{{\"id\":{seq},\"op\":\"ping\"}}\n");
-        if let Err(e) = conn.write(ping.as_bytes()).await {
-            return end(healthy, e.to_string());
+        ping.clear();
+        protocol::encode_ping(&mut ping, seq);
+        if let Err(e) = conn.write(&ping).await {
+            return end(healthy, Lost::Write(e));
         }
         let reply = tokio::select! {
-            _ = cancel.cancelled() => return end(healthy, "shutdown".into()),
+            _ = cancel.cancelled() => return end(healthy, Lost::Shutdown),
             r = tokio::time::timeout(policy.ping_interval, conn.read_line()) => r,
         };
         match reply {
             Ok(Ok(Frame::Line)) => {
                 let line = conn.line();
-                let expected = format!("{{\"id\":{seq},\"ok\":true}}");
-                if line != expected.as_bytes() {
+                if !protocol::is_ping_reply(line, seq) {
                     // The peer's bytes: only an escaped preview may be logged.
-                    return end(healthy, format!("unexpected ping reply: {}", preview(line)));
+                    return end(healthy, Lost::UnexpectedReply(preview(line)));
                 }
                 if !healthy {
                     healthy = true;
                     log.up();
                 }
             }
-            Ok(Ok(Frame::Closed)) => return end(healthy, "closed by peer".into()),
-            Ok(Ok(Frame::TooLarge)) => {
-                return end(
-                    healthy,
-                    format!("ping reply longer than {MAX_PING_REPLY} bytes"),
-                )
-            }
-            Ok(Err(e)) => return end(healthy, e.to_string()),
-            Err(_) => {
-                return end(
-                    healthy,
-                    format!("no ping reply within {:?}", policy.ping_interval),
-                )
-            }
+            Ok(Ok(Frame::Closed)) => return end(healthy, Lost::Closed),
+            Ok(Ok(Frame::TooLarge)) => return end(healthy, Lost::ReplyTooLong),
+            Ok(Err(e)) => return end(healthy, Lost::Read(e)),
+            Err(_) => return end(healthy, Lost::NoReply(policy.ping_interval)),
         }
         // Between pings, watch the socket: a peer that closes or resets is
         // noticed (and redialed) now, not at the next ping.
         let idle = tokio::select! {
-            _ = cancel.cancelled() => return end(healthy, "shutdown".into()),
+            _ = cancel.cancelled() => return end(healthy, Lost::Shutdown),
             _ = tokio::time::sleep(policy.ping_interval) => None,
             r = conn.read_line() => Some(r),
         };
         match idle {
             None => {}
-            Some(Ok(Frame::Closed)) => return end(healthy, "closed by peer".into()),
-            Some(Ok(_)) => return end(healthy, "unexpected data from peer between pings".into()),
-            Some(Err(e)) => return end(healthy, e.to_string()),
+            Some(Ok(Frame::Closed)) => return end(healthy, Lost::Closed),
+            Some(Ok(_)) => return end(healthy, Lost::UnexpectedData),
+            Some(Err(e)) => return end(healthy, Lost::Read(e)),
         }
     }
 }

@@ -304,6 +304,26 @@ fn quoted_prefix(s: &str, max: usize) -> String {
     }
 }
 
+/// Appends a ping request with a numeric `id` (and its newline) to `out`:
+/// what the agent sends its outbound peers, in the same codec the peers'
+/// requests are read with.
+pub fn encode_ping(out: &mut Vec<u8>, id: u64) {
+    use std::io::Write as _;
+    let _ = writeln!(out, "{{\"id\":{id},\"op\":\"ping\"}}");
+}
+
+/// Whether `line` is the successful reply to the ping with `id`: a JSON
+/// object whose `id` is that number and whose `ok` is true (field order and
+/// spacing are the sender's business).
+pub fn is_ping_reply(line: &[u8], id: u64) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        id: Option<u64>,
+        ok: bool,
+    }
+    serde_json::from_slice::<Reply>(line).is_ok_and(|r| r.ok && r.id == Some(id))
+}
+
 /// Appends the reply line (with its newline) for `outcome` to `out`; `id`
 /// is the request's id as sent (JSON text), echoed verbatim.
 pub fn encode(out: &mut Vec<u8>, id: Option<&[u8]>, outcome: &Outcome) {
@@ -525,5 +545,21 @@ mod tests {
             reply(br#"{"id":3,"op":"get","key":1}"#, Outcome::Ok),
             "{\"id\":3,\"ok\":false,\"error\":\"field \\\"key\\\" must be a string\"}\n"
         );
+    }
+
+    #[test]
+    fn ping_round_trips_through_the_codec() {
+        let mut out = Vec::new();
+        encode_ping(&mut out, 7);
+        assert_eq!(out, b"{\"id\":7,\"op\":\"ping\"}\n");
+        let (id, request) = decode(&out[..out.len() - 1]);
+        assert!(matches!(request, Ok(Request::Ping)));
+        let mut reply = Vec::new();
+        encode(&mut reply, id.map(|r| r.get().as_bytes()), &Outcome::Ok);
+        assert!(is_ping_reply(&reply[..reply.len() - 1], 7));
+        assert!(is_ping_reply(br#"{ "ok" : true, "id" : 7 }"#, 7));
+        assert!(!is_ping_reply(br#"{"id":8,"ok":true}"#, 7));
+        assert!(!is_ping_reply(br#"{"id":7,"ok":false,"error":"x"}"#, 7));
+        assert!(!is_ping_reply(b"\x1b[31mjunk", 7));
     }
 }

@@ -211,7 +211,7 @@ mod tests {
     impl Flaky {
         fn result<T>(&self, ok: T) -> Result<T, StorageError> {
             if self.fail.load(Ordering::Relaxed) {
-                Err(StorageError::Unavailable("down".into()))
+                Err(StorageError::Refused("down".into()))
             } else {
                 Ok(ok)
             }

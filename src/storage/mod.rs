@@ -29,12 +29,30 @@ pub enum StorageError {
     /// The backend did not answer in time (Redis).
     #[error("storage timed out after {0:?}")]
     Timeout(std::time::Duration),
-    /// The backend cannot serve now: unreachable, reopening, failed or closed.
+    /// Redis, or the cluster node serving the key, could not be reached, or
+    /// the cluster has no master for the key (failing over).
     #[error("storage unavailable: {0}")]
-    Unavailable(String),
-    /// The backend answered with an error.
+    RedisUnavailable(#[source] ::redis::RedisError),
+    /// Redis answered the command with an error.
     #[error("storage failed: {0}")]
-    Backend(String),
+    Redis(#[source] ::redis::RedisError),
+    /// The Redis URL or cluster nodes could not make a client (startup).
+    #[error("storage unavailable: bad Redis URL: {0}")]
+    RedisConfig(#[source] ::redis::RedisError),
+    /// The local store refuses requests for now; the reason is the one
+    /// `/ready` gives (a full disk, a deleted or damaged file).
+    #[error("storage unavailable: {0}")]
+    Refused(String),
+    /// The local database failed this operation; redb's error as text, as
+    /// one failure answers every request of its batch.
+    #[error("storage failed: {0}")]
+    Database(String),
+    /// The local store's threads have stopped (the agent is shutting down).
+    #[error("storage unavailable: database is closed")]
+    Closed,
+    /// The local storage thread serving this request panicked.
+    #[error("storage failed: the storage thread serving this request panicked")]
+    Panicked,
     /// The store could not be opened at startup; the text names the file or
     /// URL and the cause, and is the whole line the operator sees.
     #[error("{0}")]

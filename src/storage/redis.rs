@@ -39,8 +39,7 @@ impl RedisStore {
     /// Builds the store without needing Redis to be up; only a malformed URL fails.
     /// `url` is `storage.redis.url` with the password file applied.
     pub async fn open(cfg: &RedisConfig, url: &SecretUrl) -> Result<Self, StorageError> {
-        let client = redis::Client::open(url.expose())
-            .map_err(|e| StorageError::Unavailable(format!("bad Redis URL: {e}")))?;
+        let client = redis::Client::open(url.expose()).map_err(StorageError::RedisConfig)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))
@@ -49,7 +48,7 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+            .map_err(StorageError::RedisConfig)?;
         // Pinged outside `Self::bounded`, which would log the outage as a
         // transition: the warning below says it once, at the right level.
         let mut first = conn.clone();
@@ -101,7 +100,7 @@ impl RedisStore {
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StorageError> {
         let result = bounded(self.timeout, fut).await;
-        if let Err(e @ (StorageError::Timeout(_) | StorageError::Unavailable(_))) = &result {
+        if let Err(e @ (StorageError::Timeout(_) | StorageError::RedisUnavailable(_))) = &result {
             self.health.set_down(&unreachable(e));
         }
         result
@@ -126,8 +125,8 @@ pub(super) async fn bounded<T>(
 fn unreachable(e: &StorageError) -> String {
     match e {
         StorageError::Timeout(t) => format!("Redis did not answer within {t:?}"),
-        StorageError::Unavailable(e) => format!("Redis unreachable: {e}"),
-        StorageError::Backend(e) | StorageError::Open(e) => format!("Redis error: {e}"),
+        StorageError::RedisUnavailable(e) => format!("Redis unreachable: {e}"),
+        other => format!("Redis error: {other}"),
     }
 }
 
@@ -186,9 +185,9 @@ fn classify(timeout: Duration, e: redis::RedisError) -> StorageError {
         || e.is_connection_refusal()
         || cluster_down
     {
-        StorageError::Unavailable(e.to_string())
+        StorageError::RedisUnavailable(e)
     } else {
-        StorageError::Backend(e.to_string())
+        StorageError::Redis(e)
     }
 }
 

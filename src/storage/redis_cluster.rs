@@ -103,7 +103,7 @@ impl RedisClusterStore {
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StorageError> {
         let result = bounded(self.timeout, fut).await;
-        if let Err(e @ (StorageError::Timeout(_) | StorageError::Unavailable(_))) = &result {
+        if let Err(e @ (StorageError::Timeout(_) | StorageError::RedisUnavailable(_))) = &result {
             self.health
                 .set_down(&format!("Redis Cluster cannot serve: {e}"));
         }
@@ -172,7 +172,7 @@ fn client(cfg: &RedisClusterConfig, nodes: &[SecretUrl]) -> Result<ClusterClient
         .min_retry_wait(MIN_RETRY_WAIT_MS)
         .max_retry_wait(MAX_RETRY_WAIT_MS)
         .build()
-        .map_err(|e| StorageError::Unavailable(format!("bad Redis Cluster nodes: {e}")))
+        .map_err(StorageError::RedisConfig)
 }
 
 impl Storage for RedisClusterStore {

@@ -30,15 +30,25 @@ pub use handles::{
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
 
+/// Why the metrics exporter could not start; the agent does not start
+/// either (exit 1, this one line).
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// The metrics port could not be bound: in use, or not permitted.
     #[error("cannot listen for metrics on {addr}: {source}")]
     Bind {
+        /// `metrics.address:metrics.port`.
         addr: SocketAddr,
+        /// What the bind failed with.
         source: std::io::Error,
     },
+    /// Another recorder is already installed in this process: the metrics
+    /// facade takes one, once.
+    #[error("cannot install the metrics recorder: a recorder is already installed")]
+    AlreadyInstalled,
+    /// The DogStatsD exporter could not be built (a bad address) or installed.
     #[error("cannot install the metrics recorder: {0}")]
-    Install(String),
+    Dogstatsd(#[source] metrics_exporter_dogstatsd::BuildError),
 }
 
 /// The installed exporter, and what it still needs to run.
@@ -91,14 +101,14 @@ pub async fn install(
                 .map_err(|source| TelemetryError::Bind { addr, source })?;
             let recorder = ShardedRecorder::new();
             metrics::set_global_recorder(recorder.clone())
-                .map_err(|e| TelemetryError::Install(e.to_string()))?;
+                .map_err(|_| TelemetryError::AlreadyInstalled)?;
             Installed::Prometheus { recorder, listener }
         }
         ExporterKind::Dogstatsd => {
             metrics_exporter_dogstatsd::DogStatsDBuilder::default()
                 .with_remote_address(&cfg.dogstatsd.address)
                 .and_then(|b| b.with_telemetry(false).install())
-                .map_err(|e| TelemetryError::Install(e.to_string()))?;
+                .map_err(TelemetryError::Dogstatsd)?;
             Installed::Dogstatsd
         }
     };

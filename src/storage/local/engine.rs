@@ -201,7 +201,7 @@ impl Engine {
 
     /// The error for a request the store will not serve now.
     fn refusal(&self) -> StorageError {
-        StorageError::Unavailable(
+        StorageError::Refused(
             self.health
                 .readiness()
                 .err()
@@ -313,7 +313,7 @@ impl Engine {
     fn error_for(&self, f: &Fault) -> StorageError {
         match f {
             Fault::NoSpace(e) | Fault::Transient(e) | Fault::Damaged(e) => {
-                StorageError::Backend(e.clone())
+                StorageError::Database(e.clone())
             }
             Fault::Gone => self.refusal(),
         }

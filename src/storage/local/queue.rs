@@ -92,15 +92,13 @@ impl<R: Send + 'static> BatchQueue<R> {
         &self,
         request: impl FnOnce(Reply<T>) -> R,
     ) -> Result<T, StorageError> {
-        let stopped = || StorageError::Unavailable("database is closed".into());
+        let stopped = || StorageError::Closed;
         let tx = self.sender().ok_or_else(stopped)?;
         let (reply, answer) = oneshot::channel();
         tx.send(request(reply)).await.map_err(|_| stopped())?;
         // The threads answer every request they take, unless serving its
         // batch panicked.
-        answer.await.map_err(|_| {
-            StorageError::Backend("the storage thread serving this request panicked".into())
-        })?
+        answer.await.map_err(|_| StorageError::Panicked)?
     }
 
     /// Stops taking requests, lets the threads answer what is queued, and
