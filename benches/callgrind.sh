@@ -8,9 +8,13 @@
 # ratios. Instruction counts do not depend on what else the machine is doing,
 # so this resolves differences far below the ±10% noise of wall-clock runs.
 #
-#   benches/callgrind.sh [--backend local|redis] [--rounds 3] [--messages 50000]
+#   benches/callgrind.sh [--backend local|redis|redis_cluster] [--rounds 3] [--messages 50000]
 #                        [--peers 16] [--mix get=90,put=10,delete=0] [--keys 10000]
-#                        [--max-ratio R]
+#                        [--max-ratio R] [--compare metrics|tls]
+#
+# --compare tls measures TLS instead: metrics stay on, and "on" is mutual TLS
+# on the peer port (certificates from `loadgen --make-certs`), "off" plain
+# TCP, so the ratio is what TLS costs per message (docs/performance.md).
 #
 # With --max-ratio it is a regression gate: it exits 1 when the median
 # instructions-per-message ratio (on/off) exceeds R. CI runs it on local
@@ -24,12 +28,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 backend=local rounds=3 messages=50000 peers=16 mix="get=90,put=10,delete=0" keys=10000
-max_ratio=
+max_ratio= compare=metrics
 . benches/common.sh
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --max-ratio) max_ratio=$2; shift 2 ;;
+    --compare) compare=$2; shift 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -38,8 +43,10 @@ for tool in valgrind callgrind_control callgrind_annotate python3; do
   command -v "$tool" >/dev/null || { echo "$tool is required (Debian: apt-get install valgrind python3)" >&2; exit 1; }
 done
 
+case "$compare" in metrics|tls) ;; *) echo "--compare is metrics or tls" >&2; exit 2 ;; esac
 build_release
 out_dir=target/callgrind/$backend-${mix//[=,]/-}
+[ "$compare" = tls ] && out_dir=$out_dir-tls
 mkdir -p "$out_dir"
 scratch
 
@@ -48,23 +55,36 @@ agent_env "$backend"
 load() { "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" --keys "$keys" "$@"; }
 
 preload "$keys"
+if [ "$compare" = tls ]; then
+  "$loadgen_bin" --make-certs "$work/tls"
+fi
 
 results=$work/results
 : >"$results"
 for round in $(seq 1 "$rounds"); do
   if [ $((round % 2)) -eq 1 ]; then order="true false"; else order="false true"; fi
   for on in $order; do
-    profile=$out_dir/metrics-$on-round-$round.out
-    AGENT_METRICS__ENABLED=$on valgrind --tool=callgrind --instr-atstart=no \
+    profile=$out_dir/$compare-$on-round-$round.out
+    run_env=(AGENT_METRICS__ENABLED="$on") tls=()
+    if [ "$compare" = tls ]; then
+      run_env=(AGENT_METRICS__ENABLED=true)
+      if [ "$on" = true ]; then
+        run_env+=(AGENT_NETWORK__TLS__CERT_FILE="$work/tls/server.pem"
+                  AGENT_NETWORK__TLS__KEY_FILE="$work/tls/server-key.pem"
+                  AGENT_NETWORK__TLS__CA_FILE="$work/tls/ca.pem")
+        tls=(--tls-dir "$work/tls")
+      fi
+    fi
+    env "${run_env[@]}" valgrind --tool=callgrind --instr-atstart=no \
       --callgrind-out-file="$profile" "$agent_bin" >"$work/agent.log" 2>&1 &
     agent_pid=$!
     pids+=("$agent_pid")
     wait_port "$peer_port"
-    load --messages 2000 --mix "$mix" >/dev/null
+    load --messages 2000 --mix "$mix" ${tls[@]+"${tls[@]}"} >/dev/null
     # Connections are opened (and pinged) before counting starts: their
     # setup is per connection, not per message.
     rm -f "$work/connected" "$work/go"
-    load --messages "$messages" --mix "$mix" --connected-file "$work/connected" --go-file "$work/go" >"$work/load.out" &
+    load --messages "$messages" --mix "$mix" ${tls[@]+"${tls[@]}"} --connected-file "$work/connected" --go-file "$work/go" >"$work/load.out" &
     load_pid=$!
     until [ -e "$work/connected" ]; do
       kill -0 "$load_pid" 2>/dev/null || { echo "load generator failed" >&2; exit 1; }
@@ -95,7 +115,7 @@ for line in out.splitlines():
             in_metrics += cost
 print(round_, on, f'{total / n:.1f}', f'{in_metrics / n:.1f}')
 PY
-    tail -1 "$results" | awk -v p="$profile" '{ printf "round %s metrics=%s: %s instructions/msg, %s of them in metrics code (%s)\n", $1, $2, $3, $4, p }'
+    tail -1 "$results" | awk -v p="$profile" -v c="$compare" '{ printf "round %s %s=%s: %s instructions/msg, %s of them in metrics code (%s)\n", $1, c, $2, $3, $4, p }'
   done
 done
 
@@ -110,6 +130,7 @@ summary=$(awk '
     printf "median share of metrics code with metrics on: %.2f%%\n", median(s, n)
     printf "median instructions-per-message ratio (on/off): %.4f\n", median(r, n)
   }'"$AWK_MEDIAN" "$results")
+[ "$compare" = tls ] && echo "(on: mutual TLS on the peer port; off: plain TCP; metrics on in both)"
 echo "$summary"
 ratio=$(sed -nE 's/^median instructions-per-message ratio \(on\/off\): //p' <<<"$summary")
 if [ -n "$max_ratio" ]; then

@@ -1,8 +1,10 @@
 # Shared by the benchmark scripts (sourced, not run).
 
 # Reads the options the on/off scripts share into backend, rounds, messages,
-# peers, mix and keys; the caller sets their defaults first.
+# peers, mix, keys and depth; the caller sets their defaults first (depth
+# defaults to 64, the load generator's own default).
 parse_load_args() {
+  depth=${depth:-64}
   while [ $# -gt 0 ]; do
     case "$1" in
       --backend) backend=$2; shift 2 ;;
@@ -11,6 +13,7 @@ parse_load_args() {
       --peers) peers=$2; shift 2 ;;
       --mix) mix=$2; shift 2 ;;
       --keys) keys=$2; shift 2 ;;
+      --depth) depth=$2; shift 2 ;;
       *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
   done
@@ -46,10 +49,11 @@ build_release() {
   loadgen_bin=target/release/examples/loadgen
 }
 
-# Points the agent's settings at a database in $work, or at a Redis server
-# started here on a free port (its pid is added to the pids array), and at
-# free loopback ports. Sets peer_port.
-agent_env() { # $1 = local|redis
+# Points the agent's settings at a database in $work, at a Redis server
+# started here on a free port, or at a Redis Cluster of 3 masters and 3
+# replicas started here (start_redis_cluster), and at free loopback ports.
+# Started servers' pids are added to the pids array. Sets peer_port.
+agent_env() { # $1 = local|redis|redis_cluster
   export AGENT_STORAGE__BACKEND=$1
   export AGENT_STORAGE__LOCAL__PATH=$work/agent.db
   if [ "$1" = redis ]; then
@@ -59,12 +63,45 @@ agent_env() { # $1 = local|redis
     pids+=($!)
     wait_port "$rport"
     export AGENT_STORAGE__REDIS__URL=redis://127.0.0.1:$rport/0
+  elif [ "$1" = redis_cluster ]; then
+    start_redis_cluster
   fi
   peer_port=$(free_port)
   export AGENT_NETWORK__LISTEN=127.0.0.1:$peer_port
   export AGENT_METRICS__ADDRESS=127.0.0.1
   export AGENT_METRICS__PORT=$(free_port)
   export AGENT_LOG__LEVEL=warn
+}
+
+# Six redis-servers in cluster mode on free ports (each with a free cluster
+# bus port too), joined by redis-cli into 3 masters with one replica each,
+# as tests/common/cluster.rs does. Waits until every node reports
+# cluster_state:ok, then sets AGENT_STORAGE__REDIS_CLUSTER__NODES.
+start_redis_cluster() {
+  local i port bus addrs=() urls=()
+  for i in 1 2 3 4 5 6; do
+    port=$(free_port) bus=$(free_port)
+    mkdir -p "$work/cluster/$i"
+    (cd "$work/cluster/$i" && exec redis-server --port "$port" --cluster-port "$bus" --bind 127.0.0.1 \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+      --save "" --appendonly no --repl-diskless-sync-delay 0) >"$work/cluster/$i/redis.log" 2>&1 &
+    pids+=($!)
+    wait_port "$port"
+    addrs+=("127.0.0.1:$port")
+    urls+=("redis://127.0.0.1:$port")
+  done
+  redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >"$work/cluster/create.log" 2>&1
+  for i in $(seq 1 300); do
+    local ok=0
+    for a in "${addrs[@]}"; do
+      redis-cli -h 127.0.0.1 -p "${a##*:}" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && ok=$((ok + 1))
+    done
+    [ "$ok" -eq 6 ] && break
+    sleep 0.1
+  done
+  [ "$ok" -eq 6 ] || { echo "the Redis Cluster did not become healthy" >&2; cat "$work/cluster/create.log" >&2; return 1; }
+  local IFS=,
+  export AGENT_STORAGE__REDIS_CLUSTER__NODES="[${urls[*]}]"
 }
 
 # Puts each of $1 keys once, through an agent started for it, so gets hit.

@@ -297,7 +297,7 @@ fn render(c: &mut Criterion) {
     let setup = Setup::new();
     setup.with(true, || {
         telemetry::defs::describe_all();
-        telemetry::defs::record_build_info();
+        telemetry::handles::record_build_info();
         let msg = MessageMetrics::new();
         msg.received.increment(1);
         msg.duration.record_since(msg.duration.start());

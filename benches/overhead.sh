@@ -8,8 +8,13 @@
 # after the load: the kernel-side costs that instruction counts
 # (benches/callgrind.sh) do not see.
 #
-#   benches/overhead.sh [--backend local|redis] [--rounds 5] [--messages 1000000]
+#   benches/overhead.sh [--backend local|redis|redis_cluster] [--rounds 5] [--messages 1000000]
 #                       [--peers 16] [--mix get=90,put=10,delete=0] [--keys 10000]
+#                       [--depth 64]
+#
+# --depth is each peer's requests in flight: the default saturates the agent
+# (throughput, and latency with queueing); --depth 1 gives the round trip of
+# a peer that waits for each reply.
 #
 # With taskset available the agent is pinned to CPU 0 and the load generator
 # to CPU 1, so they do not steal each other's core and the agent saturates.
@@ -55,7 +60,7 @@ for round in $(seq 1 "$rounds"); do
   for on in $order; do
     start_agent "$on"
     before=$(cpu_ticks "$agent_pid") sys_before=$(sys_ticks "$agent_pid") cs_before=$(ctx_switches "$agent_pid") mf_before=$(minor_faults "$agent_pid")
-    out=$("${pin_load[@]}" "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" \
+    out=$("${pin_load[@]}" "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" --depth "$depth" \
           --messages "$messages" --mix "$mix" --keys "$keys")
     after=$(cpu_ticks "$agent_pid") sys_after=$(sys_ticks "$agent_pid") cs_after=$(ctx_switches "$agent_pid") mf_after=$(minor_faults "$agent_pid") rss=$(rss_kib "$agent_pid")
     stop_agent

@@ -17,6 +17,13 @@
 //! the load. benches/callgrind.sh counts instructions between the two, so
 //! connection setup (per connection, not per message) stays out of the
 //! per-message figure.
+//!
+//! `--tls-dir D`: speak mutual TLS, with `D/ca.pem`, `D/client.pem` and
+//! `D/client-key.pem`, verifying the agent as `localhost`.
+//! `--make-certs D` writes those files, plus `D/server.pem` and
+//! `D/server-key.pem` for the agent (for `localhost` and 127.0.0.1), and
+//! exits: benches/callgrind.sh `--compare tls` uses them to measure what
+//! TLS costs per message.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -24,10 +31,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Semaphore};
+use tokio_rustls::rustls;
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -41,7 +48,12 @@ struct Args {
     preload: bool,
     connected_file: Option<PathBuf>,
     go_file: Option<PathBuf>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
+
+/// Either half of a plain or TLS connection.
+type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Percentages of get, put and delete.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +67,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: loadgen --addr HOST:PORT [--peers 16] [--messages 200000] \
          [--mix get=75,put=20,delete=5] [--keys 10000] [--depth 64] [--value-bytes 32] [--preload] \
-         [--connected-file PATH --go-file PATH]"
+         [--connected-file PATH --go-file PATH] [--tls-dir DIR] | --make-certs DIR"
     );
     std::process::exit(2);
 }
@@ -76,6 +88,7 @@ fn parse_args() -> Args {
         preload: false,
         connected_file: None,
         go_file: None,
+        tls: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -94,6 +107,11 @@ fn parse_args() -> Args {
             "--mix" => args.mix = parse_mix(&value).unwrap_or_else(|| usage()),
             "--connected-file" => args.connected_file = Some(value.into()),
             "--go-file" => args.go_file = Some(value.into()),
+            "--tls-dir" => args.tls = Some(client_tls(std::path::Path::new(&value))),
+            "--make-certs" => {
+                make_certs(std::path::Path::new(&value));
+                std::process::exit(0);
+            }
             _ => usage(),
         }
     }
@@ -166,10 +184,24 @@ struct PeerResult {
 
 /// A connected peer whose first ping has been answered, so the agent has
 /// set up its side of the connection.
-async fn connect(args: &Args) -> std::io::Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf)> {
+async fn connect(args: &Args) -> std::io::Result<(Reader, Writer)> {
     let stream = TcpStream::connect(args.addr).await?;
     stream.set_nodelay(true)?;
-    let (r, mut w) = stream.into_split();
+    let (r, mut w): (Box<dyn AsyncRead + Send + Unpin>, Writer) = match &args.tls {
+        None => {
+            let (r, w) = stream.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost")
+                .map_err(std::io::Error::other)?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+                .connect(name, stream)
+                .await?;
+            let (r, w) = tokio::io::split(tls);
+            (Box::new(r), Box::new(w))
+        }
+    };
     let mut reader = BufReader::new(r);
     w.write_all(b"{\"op\":\"ping\"}\n").await?;
     let mut line = String::new();
@@ -184,7 +216,7 @@ async fn run_peer(
     count: usize,
     args: Arc<Args>,
     preload: bool,
-    (mut reader, w): (BufReader<OwnedReadHalf>, OwnedWriteHalf),
+    (mut reader, w): (Reader, Writer),
 ) -> std::io::Result<PeerResult> {
     let mut writer = BufWriter::new(w);
     let window = Arc::new(Semaphore::new(args.depth));
@@ -276,6 +308,72 @@ async fn run_phase(
         all.errors += r.errors;
     }
     Ok((start.elapsed(), all))
+}
+
+/// A client configuration from `dir`'s ca.pem, client.pem, client-key.pem.
+fn client_tls(dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        eprintln!("loadgen: {what} in {}: {e}", dir.display());
+        std::process::exit(2)
+    };
+    let certs = |name: &str| -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(dir.join(name))
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .unwrap_or_else(|e| fail(name, &e))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs("ca.pem") {
+        roots.add(cert).unwrap_or_else(|e| fail("ca.pem", &e));
+    }
+    let key = PrivateKeyDer::from_pem_file(dir.join("client-key.pem"))
+        .unwrap_or_else(|e| fail("client-key.pem", &e));
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| {
+        b.with_root_certificates(roots)
+            .with_client_auth_cert(certs("client.pem"), key)
+    })
+    .unwrap_or_else(|e| fail("client config", &e));
+    Arc::new(config)
+}
+
+/// Writes a CA and a server and a client certificate into `dir`.
+fn make_certs(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+    let run = || -> Result<(), Box<dyn std::error::Error>> {
+        std::fs::create_dir_all(dir)?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        std::fs::write(dir.join("ca.pem"), issuer.pem())?;
+        for name in ["server", "client"] {
+            let mut params =
+                CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &issuer)?;
+            std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+            std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())?;
+        }
+        Ok(())
+    };
+    if let Err(e) = run() {
+        eprintln!(
+            "loadgen: cannot write certificates to {}: {e}",
+            dir.display()
+        );
+        std::process::exit(1);
+    }
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u32 {

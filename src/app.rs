@@ -1,11 +1,13 @@
 //! Startup and shutdown: wires configuration, metrics, storage, the peer
 //! listener and outbound peers together, and tears them down in order.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -13,7 +15,8 @@ use crate::budget::Budget;
 use crate::config::{Config, Resolved};
 use crate::handler::Handler;
 use crate::peers::{self, DialPolicy, Peers};
-use crate::server::Server;
+use crate::reload::{changed_keys, Reload, LIVE_KEYS};
+use crate::server::{PeerTlsAcceptor, Server};
 use crate::storage::{AnyBackend, Instrumented, Storage, StorageError};
 use crate::telemetry::{self, TelemetryError};
 
@@ -40,6 +43,7 @@ pub async fn run(
     config: Config,
     resolved: Resolved,
     shutdown: impl Future<Output = ()>,
+    reload: Reload,
 ) -> Result<(), StartupError> {
     tracing::info!(node = %config.node_id(), version = env!("CARGO_PKG_VERSION"), "starting agent");
     raise_fd_limit();
@@ -53,10 +57,20 @@ pub async fn run(
                 addr: resolved.listen,
                 source,
             })?;
-    let backend = AnyBackend::open(&config.storage).await?;
+    let backend = AnyBackend::open(&config.storage, &resolved).await?;
     tracing::info!(backend = backend.backend().as_str(), "storage ready");
     let handler = Arc::new(Handler::new(Instrumented::new(backend)));
-    telemetry::spawn(installed, &config.metrics, &resolved, &cancel);
+    let health = handler.storage().health().clone();
+    let ready = Arc::new(move || health.readiness());
+    let metrics_networks = Arc::new(RwLock::new(resolved.allowed_networks.clone()));
+    telemetry::spawn(
+        installed,
+        &config.metrics,
+        &resolved,
+        &cancel,
+        ready,
+        Arc::clone(&metrics_networks),
+    );
 
     let peers = Peers::new();
     let tracker = TaskTracker::new();
@@ -69,36 +83,61 @@ pub async fn run(
         peers: peers.clone(),
         max_connections: config.network.max_connections,
         max_line: config.network.max_message_bytes,
+        allowed_networks: resolved.peer_networks.clone(),
+        tls: resolved.peer_tls.as_ref().map(|tls| PeerTlsAcceptor {
+            acceptor: TlsAcceptor::from(Arc::clone(&tls.server)),
+            handshake_timeout: config.network.tls.handshake_timeout,
+        }),
         idle_timeout: config.network.idle_timeout,
         budget: Budget::new(config.network.max_buffered_bytes),
     };
+    warn_if_open(&resolved);
     tracker.spawn(server.run(tracker.clone(), cancel.clone()));
     let policy = DialPolicy {
         ping_interval: config.network.ping_interval,
         max_backoff: config.network.max_redial_backoff,
+        tls: resolved
+            .peer_tls
+            .as_ref()
+            .map(|tls| Arc::clone(&tls.client)),
     };
-    for addr in &config.network.peers {
-        tracker.spawn(peers::maintain(
-            addr.clone(),
-            policy.clone(),
-            peers.clone(),
-            cancel.clone(),
-        ));
-    }
-    if !config.network.peers.is_empty()
-        && config.network.idle_timeout <= config.network.ping_interval
+    let mut live = Live {
+        config,
+        dialers: HashMap::new(),
+        policy,
+        peers: peers.clone(),
+        tracker: tracker.clone(),
+        cancel: cancel.clone(),
+        metrics_networks,
+    };
+    live.dial(live.config.network.peers.clone());
+    if !live.config.network.peers.is_empty()
+        && live.config.network.idle_timeout <= live.config.network.ping_interval
     {
         // Another agent with the same settings would close our keepalive
         // connections between two pings, and we theirs.
         tracing::warn!(
-            idle_timeout = ?config.network.idle_timeout,
-            ping_interval = ?config.network.ping_interval,
+            idle_timeout = ?live.config.network.idle_timeout,
+            ping_interval = ?live.config.network.ping_interval,
             "network.idle_timeout is not longer than network.ping_interval: peers with these settings close each other's connections between pings"
         );
     }
     tracing::info!("agent ready");
+    // systemd's Type=notify: started means listening, storage open. Without
+    // NOTIFY_SOCKET (not under systemd) this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd that the agent is ready");
+    }
 
-    shutdown.await;
+    let mut reload = reload;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reload.requests.recv() => live.reload(&reload),
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: no new connections, answering requests already read");
     cancel.cancel();
     tracker.close();
@@ -111,6 +150,111 @@ pub async fn run(
     handler.storage().close().await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The running configuration, and what a reload can change while serving.
+struct Live {
+    /// What the agent runs with: keys that need a restart keep their old
+    /// value here, so the next reload names them again.
+    config: Config,
+    /// One task per outbound peer, stopped through its token.
+    dialers: HashMap<String, CancellationToken>,
+    policy: DialPolicy,
+    peers: Peers,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    metrics_networks: Arc<RwLock<Vec<ipnet::IpNet>>>,
+}
+
+impl Live {
+    /// Starts keeping `addrs` connected (those not already dialled).
+    fn dial(&mut self, addrs: Vec<String>) {
+        for addr in addrs {
+            if self.dialers.contains_key(&addr) {
+                continue;
+            }
+            let token = self.cancel.child_token();
+            self.tracker.spawn(peers::maintain(
+                addr.clone(),
+                self.policy.clone(),
+                self.peers.clone(),
+                token.clone(),
+            ));
+            self.dialers.insert(addr, token);
+        }
+        self.peers.configured(self.dialers.len());
+    }
+
+    /// Reloads the configuration (SIGHUP); see [`crate::reload`].
+    fn reload(&mut self, reload: &Reload) {
+        tracing::info!("received SIGHUP: reloading the configuration");
+        let new = match reload.load() {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
+                return;
+            }
+        };
+        let changed = changed_keys(&self.config, &new);
+        let (live, restart): (Vec<&String>, Vec<&String>) = changed
+            .iter()
+            .partition(|k| LIVE_KEYS.contains(&k.as_str()));
+        for key in &live {
+            match key.as_str() {
+                "log.level" => match (reload.set_log_level)(&new.log.level) {
+                    Ok(()) => self.config.log.level = new.log.level.clone(),
+                    Err(why) => tracing::warn!(%why, "log.level not applied"),
+                },
+                "network.peers" => {
+                    let wanted = &new.network.peers;
+                    self.dialers.retain(|addr, token| {
+                        let keep = wanted.contains(addr);
+                        if !keep {
+                            tracing::info!(peer = %addr, "peer removed from network.peers; disconnecting");
+                            token.cancel();
+                        }
+                        keep
+                    });
+                    self.dial(wanted.clone());
+                    self.config.network.peers = wanted.clone();
+                }
+                "metrics.allowed_networks" => match new.validate() {
+                    Ok(resolved) => {
+                        *self
+                            .metrics_networks
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner()) = resolved.allowed_networks;
+                        self.config.metrics.allowed_networks = new.metrics.allowed_networks.clone();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "metrics.allowed_networks not applied"),
+                },
+                _ => {}
+            }
+        }
+        for key in &restart {
+            tracing::warn!(key = %key, "changed in the configuration; restart the agent to apply it");
+        }
+        tracing::info!(
+            applied = ?live,
+            need_restart = ?restart,
+            "configuration reloaded"
+        );
+    }
+}
+
+/// Says once, at startup, when the peer port is open to anyone who can
+/// reach it: any such client can read, overwrite and delete every key.
+fn warn_if_open(resolved: &Resolved) {
+    if !resolved.listen.ip().is_loopback()
+        && resolved.peer_tls.is_none()
+        && resolved.peer_networks.is_empty()
+    {
+        tracing::warn!(
+            listen = %resolved.listen,
+            "peers are not authenticated: any client that can reach this address can read and \
+             write every key; set network.tls or network.allowed_networks (see docs/security.md)"
+        );
+    }
 }
 
 /// Raises the soft open-files limit to the hard limit: every peer and every

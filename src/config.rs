@@ -5,6 +5,16 @@
 //! way: figment/serde catch unknown keys and ill-typed values, then
 //! [`Config::validate`] checks what types cannot (ranges, address syntax, URLs).
 //! Either way the operator gets one [`ConfigError`] naming the key.
+//!
+//! Files the configuration names (certificates, keys, the web config file,
+//! the Redis password file) are read here too, so that `check-config`
+//! catches an unreadable or mismatched file before a restart does.
+
+mod tls;
+pub mod web;
+
+pub use tls::PeerTls;
+pub use web::{WebConfig, WebTls};
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -17,6 +27,12 @@ use serde::{Deserialize, Serialize};
 
 /// Prefix of environment overrides; `__` separates key path segments.
 pub const ENV_PREFIX: &str = "AGENT_";
+/// The metrics endpoint's liveness path: answers OK while the process runs.
+/// Reserved: `metrics.path` may not take it.
+pub const HEALTH_PATH: &str = "/health";
+/// The metrics endpoint's readiness path: 200 when storage is usable, 503
+/// with the reason when not. Reserved like [`HEALTH_PATH`].
+pub const READY_PATH: &str = "/ready";
 /// File used when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "agent.yaml";
 
@@ -40,7 +56,7 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.to_string(),
         message: message.into(),
@@ -83,6 +99,47 @@ pub struct NetworkConfig {
     pub ping_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub max_redial_backoff: Duration,
+    /// CIDRs (or bare IPs) allowed to connect; empty allows everyone.
+    /// Others are closed at accept, before a byte is read.
+    pub allowed_networks: Vec<String>,
+    /// Mutual TLS between peers; all three files empty means plain TCP.
+    pub tls: PeerTlsConfig,
+}
+
+/// Mutual TLS for the peer port, inbound and outbound.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerTlsConfig {
+    /// This node's certificate chain (PEM), presented as server and as client.
+    pub cert_file: PathBuf,
+    /// The private key of `cert_file` (PEM).
+    pub key_file: PathBuf,
+    /// The CA (PEM) that signs every peer's certificate, both directions.
+    pub ca_file: PathBuf,
+    /// A handshake not finished within this is dropped, so a client that
+    /// stalls mid-handshake cannot hold a connection slot.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for PeerTlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl PeerTlsConfig {
+    /// Whether any of the three files is set (all must be, then).
+    pub fn enabled(&self) -> bool {
+        [&self.cert_file, &self.key_file, &self.ca_file]
+            .iter()
+            .any(|p| !p.as_os_str().is_empty())
+    }
 }
 
 impl Default for NetworkConfig {
@@ -96,6 +153,8 @@ impl Default for NetworkConfig {
             max_buffered_bytes: 64 * 1024 * 1024,
             ping_interval: Duration::from_secs(10),
             max_redial_backoff: Duration::from_secs(30),
+            allowed_networks: Vec::new(),
+            tls: PeerTlsConfig::default(),
         }
     }
 }
@@ -106,6 +165,9 @@ pub enum BackendKind {
     #[default]
     Local,
     Redis,
+    /// Redis Cluster, through the `redis` crate's cluster client.
+    #[serde(rename = "redis_cluster")]
+    RedisCluster,
 }
 
 impl BackendKind {
@@ -114,6 +176,7 @@ impl BackendKind {
         match self {
             BackendKind::Local => "local",
             BackendKind::Redis => "redis",
+            BackendKind::RedisCluster => "redis_cluster",
         }
     }
 }
@@ -124,6 +187,7 @@ pub struct StorageConfig {
     pub backend: BackendKind,
     pub local: LocalConfig,
     pub redis: RedisConfig,
+    pub redis_cluster: RedisClusterConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -144,6 +208,10 @@ impl Default for LocalConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     pub url: String,
+    /// A file holding the Redis password, read at startup, so the secret
+    /// need not sit in the YAML or the environment. Exclusive with a
+    /// password in `url`.
+    pub password_file: PathBuf,
     pub key_prefix: String,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -153,6 +221,38 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379/0".into(),
+            password_file: PathBuf::new(),
+            key_prefix: "agent:".into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `storage.redis_cluster`: a Redis Cluster shared by a fleet of agents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisClusterConfig {
+    /// Seed nodes (`redis://[:password@]host:port`). One reachable seed is
+    /// enough: the client learns the rest of the cluster, and follows its
+    /// changes, from the cluster itself. More seeds let the agent (re)start
+    /// while some nodes are down.
+    pub nodes: Vec<String>,
+    /// A file holding the password of every node, read at startup, as for
+    /// `storage.redis.password_file`. Exclusive with passwords in `nodes`.
+    pub password_file: PathBuf,
+    pub key_prefix: String,
+    /// Bound on every operation, redirects and retries included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisClusterConfig {
+    fn default() -> Self {
+        Self {
+            // No guess at an address: `backend: redis_cluster` requires the
+            // operator to name the cluster.
+            nodes: Vec::new(),
+            password_file: PathBuf::new(),
             key_prefix: "agent:".into(),
             timeout: Duration::from_secs(2),
         }
@@ -181,6 +281,9 @@ pub struct MetricsConfig {
     pub process_interval: Duration,
     /// Concurrent connections to the metrics endpoint; more are closed at once.
     pub max_connections: usize,
+    /// An exporter-toolkit web config file (TLS, basic auth) for the
+    /// metrics endpoint; empty serves plain HTTP without authentication.
+    pub web_config_file: PathBuf,
     pub dogstatsd: DogstatsdConfig,
 }
 
@@ -195,6 +298,7 @@ impl Default for MetricsConfig {
             allowed_networks: Vec::new(),
             process_interval: Duration::from_secs(5),
             max_connections: 64,
+            web_config_file: PathBuf::new(),
             dogstatsd: DogstatsdConfig::default(),
         }
     }
@@ -244,8 +348,45 @@ impl Default for LogConfig {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub listen: SocketAddr,
+    /// `network.allowed_networks`, parsed.
+    pub peer_networks: Vec<IpNet>,
+    /// `network.tls`, loaded and checked; None for plain TCP.
+    pub peer_tls: Option<PeerTls>,
     pub metrics_addr: SocketAddr,
+    /// `metrics.allowed_networks`, parsed.
     pub allowed_networks: Vec<IpNet>,
+    /// `metrics.web_config_file`, loaded and checked (default: plain HTTP).
+    pub web: WebConfig,
+    /// `storage.redis.url` with the password from `password_file` applied.
+    pub redis_url: SecretUrl,
+    /// `storage.redis_cluster.nodes`, checked, with the password from its
+    /// `password_file` applied to each.
+    pub redis_cluster_nodes: Vec<SecretUrl>,
+}
+
+/// A URL that may hold a password. `Debug` and `Display` redact it, so a
+/// stray `{:?}` cannot leak the secret; [`SecretUrl::expose`] is the one way
+/// to the real text, for the client that connects with it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
 }
 
 impl Config {
@@ -321,19 +462,43 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        let peer_networks =
+            parse_networks("network.allowed_networks", &self.network.allowed_networks)?;
+        if self.network.tls.handshake_timeout.is_zero() {
+            return Err(invalid(
+                "network.tls.handshake_timeout",
+                "must be greater than 0",
+            ));
+        }
+        let peer_tls = if self.network.tls.enabled() {
+            for (i, peer) in self.network.peers.iter().enumerate() {
+                // The host is the name the peer's certificate must carry.
+                let host = peer.rsplit_once(':').map_or("", |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                if tokio_rustls::rustls::pki_types::ServerName::try_from(host).is_err() {
+                    return Err(invalid(
+                        &format!("network.peers[{i}]"),
+                        format!("{host:?} is not a DNS name or IP address a certificate can carry"),
+                    ));
+                }
+            }
+            Some(PeerTls::load(&self.network.tls)?)
+        } else {
+            None
+        };
         if self.storage.local.path.as_os_str().is_empty() {
             return Err(invalid("storage.local.path", "must not be empty"));
         }
-        if self.storage.backend == BackendKind::Redis || !self.storage.redis.url.is_empty() {
-            redis::Client::open(self.storage.redis.url.as_str()).map_err(|e| {
-                invalid(
-                    "storage.redis.url",
-                    format!("{:?} is not a valid Redis URL: {e}", self.storage.redis.url),
-                )
-            })?;
-        }
+        let redis_url = self.redis_url()?;
         if self.storage.redis.timeout.is_zero() {
             return Err(invalid("storage.redis.timeout", "must be greater than 0"));
+        }
+        let redis_cluster_nodes = self.redis_cluster_nodes()?;
+        if self.storage.redis_cluster.timeout.is_zero() {
+            return Err(invalid(
+                "storage.redis_cluster.timeout",
+                "must be greater than 0",
+            ));
         }
         let ip: IpAddr = self.metrics.address.parse().map_err(|_| {
             invalid(
@@ -353,25 +518,22 @@ impl Config {
                 format!("{:?} must start with '/'", self.metrics.path),
             ));
         }
-        if self.metrics.path == crate::telemetry::http::HEALTH_PATH {
+        if [HEALTH_PATH, READY_PATH].contains(&self.metrics.path.as_str()) {
             return Err(invalid(
                 "metrics.path",
-                format!("{:?} is reserved for the health check", self.metrics.path),
+                format!(
+                    "{:?} is reserved for the health and readiness checks",
+                    self.metrics.path
+                ),
             ));
         }
-        let mut allowed_networks = Vec::new();
-        for (i, net) in self.metrics.allowed_networks.iter().enumerate() {
-            let parsed = net
-                .parse::<IpNet>()
-                .or_else(|_| net.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    invalid(
-                        &format!("metrics.allowed_networks[{i}]"),
-                        format!("{net:?} is not a CIDR network or IP address"),
-                    )
-                })?;
-            allowed_networks.push(parsed);
-        }
+        let allowed_networks =
+            parse_networks("metrics.allowed_networks", &self.metrics.allowed_networks)?;
+        let web = if self.metrics.web_config_file.as_os_str().is_empty() {
+            WebConfig::default()
+        } else {
+            WebConfig::load(&self.metrics.web_config_file)?
+        };
         if self.metrics.process_interval.is_zero() {
             return Err(invalid(
                 "metrics.process_interval",
@@ -387,22 +549,119 @@ impl Config {
         if self.metrics.exporter == ExporterKind::Dogstatsd {
             check_host_port("metrics.dogstatsd.address", &self.metrics.dogstatsd.address)?;
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
-            invalid(
-                "log.level",
-                format!("{:?} is not a valid level or filter: {e}", self.log.level),
-            )
-        })?;
+        check_log_level(&self.log.level)?;
         Ok(Resolved {
             listen,
+            peer_networks,
+            peer_tls,
             metrics_addr: SocketAddr::new(ip, self.metrics.port),
             allowed_networks,
+            web,
+            redis_url,
+            redis_cluster_nodes,
         })
     }
 
-    /// The effective configuration as YAML, as `check-config` prints it.
+    /// The Redis URL to connect with: `storage.redis.url`, checked, with the
+    /// password from `storage.redis.password_file` when one is named.
+    fn redis_url(&self) -> Result<SecretUrl, ConfigError> {
+        let redis = &self.storage.redis;
+        let checked = self.storage.backend == BackendKind::Redis || !redis.url.is_empty();
+        if checked {
+            redis::Client::open(redis.url.as_str()).map_err(|e| {
+                invalid(
+                    "storage.redis.url",
+                    // The URL is not echoed: it may hold a password.
+                    format!("{:?} is not a valid Redis URL: {e}", redact_url(&redis.url)),
+                )
+            })?;
+        }
+        if redis.password_file.as_os_str().is_empty() {
+            return Ok(SecretUrl(redis.url.clone()));
+        }
+        let password = read_password_file("storage.redis.password_file", &redis.password_file)?;
+        with_password(
+            "storage.redis.url",
+            &redis.url,
+            "storage.redis.password_file",
+            &password,
+        )
+    }
+
+    /// The Redis Cluster seed nodes to connect with: each URL checked (TCP,
+    /// database 0, one password for all, as the cluster client requires),
+    /// with the password from `storage.redis_cluster.password_file` applied.
+    /// Checked whenever nodes are listed, so a wrong URL is caught before
+    /// the backend is switched over.
+    fn redis_cluster_nodes(&self) -> Result<Vec<SecretUrl>, ConfigError> {
+        let cluster = &self.storage.redis_cluster;
+        if cluster.nodes.is_empty() && self.storage.backend == BackendKind::RedisCluster {
+            return Err(invalid(
+                "storage.redis_cluster.nodes",
+                "must list at least one node (redis://host:port) with backend redis_cluster",
+            ));
+        }
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let key = format!("storage.redis_cluster.nodes[{i}]");
+            // The URL is not echoed: it may hold a password.
+            let shown = redact_url(node);
+            let info = redis::IntoConnectionInfo::into_connection_info(node.as_str())
+                .map_err(|e| invalid(&key, format!("{shown:?} is not a valid Redis URL: {e}")))?;
+            if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) {
+                return Err(invalid(
+                    &key,
+                    format!("{shown:?}: cluster nodes are reached over TCP (redis://host:port), not a Unix socket"),
+                ));
+            }
+            if info.redis_settings().db() != 0 {
+                return Err(invalid(
+                    &key,
+                    format!("{shown:?}: Redis Cluster has only database 0"),
+                ));
+            }
+        }
+        let nodes = if cluster.password_file.as_os_str().is_empty() {
+            cluster.nodes.iter().cloned().map(SecretUrl).collect()
+        } else {
+            let file_key = "storage.redis_cluster.password_file";
+            let password = read_password_file(file_key, &cluster.password_file)?;
+            cluster
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, node)| {
+                    with_password(
+                        &format!("storage.redis_cluster.nodes[{i}]"),
+                        node,
+                        file_key,
+                        &password,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        if !nodes.is_empty() {
+            // What the client checks across nodes: one password, one user, one TLS mode.
+            redis::cluster::ClusterClient::new(nodes.iter().map(SecretUrl::expose)).map_err(
+                |e| {
+                    invalid(
+                        "storage.redis_cluster.nodes",
+                        format!("the nodes must share one password, user and TLS mode: {e}"),
+                    )
+                },
+            )?;
+        }
+        Ok(nodes)
+    }
+
+    /// The effective configuration as YAML, as `check-config` prints it,
+    /// with any password in the Redis URL redacted.
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let mut shown = self.clone();
+        shown.storage.redis.url = redact_url(&shown.storage.redis.url);
+        for node in &mut shown.storage.redis_cluster.nodes {
+            *node = redact_url(node);
+        }
+        serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
     /// `node.id`, or the hostname when it is empty.
@@ -418,6 +677,109 @@ impl Config {
     }
 }
 
+/// `url` with its password replaced by `***`, for output: `check-config`,
+/// logs and error messages. Covers the password in the authority
+/// (`redis://:secret@host`) and in the query of Unix-socket URLs (`pass=`).
+/// A string that does not parse as a URL is shown only up to its last `@`.
+pub fn redact_url(url: &str) -> String {
+    const MASK: &str = "***";
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return match url.rfind('@') {
+            Some(at) => format!("{MASK}{}", &url[at..]),
+            None => url.to_string(),
+        };
+    };
+    let mut changed = false;
+    if parsed.password().is_some() {
+        changed |= parsed.set_password(Some(MASK)).is_ok();
+    }
+    if parsed
+        .query_pairs()
+        .any(|(k, _)| k == "pass" || k == "password")
+    {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "pass" || k == "password" {
+                    MASK.to_string()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+        changed = true;
+    }
+    if changed {
+        parsed.to_string()
+    } else {
+        url.to_string()
+    }
+}
+
+/// Reads a password file: its whole text less one trailing newline, which
+/// is what `echo secret > file` leaves; an empty password is an error.
+fn read_password_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(password.to_string())
+}
+
+/// `url` (the value of `url_key`) with `password` (from the file named by
+/// `file_key`) applied, refusing a URL that already holds one.
+fn with_password(
+    url_key: &str,
+    url: &str,
+    file_key: &str,
+    password: &str,
+) -> Result<SecretUrl, ConfigError> {
+    let mut parsed = url::Url::parse(url).map_err(|e| {
+        invalid(
+            url_key,
+            format!("cannot apply a password file to this URL: {e}"),
+        )
+    })?;
+    if parsed.password().is_some()
+        || parsed
+            .query_pairs()
+            .any(|(k, _)| k == "pass" || k == "password")
+    {
+        return Err(invalid(
+            file_key,
+            format!("{url_key} already holds a password; set one or the other"),
+        ));
+    }
+    if parsed.scheme().starts_with("redis+unix") || parsed.scheme() == "unix" {
+        parsed.query_pairs_mut().append_pair("pass", password);
+    } else if parsed.set_password(Some(password)).is_err() {
+        return Err(invalid(url_key, "this URL cannot carry a password"));
+    }
+    Ok(SecretUrl(parsed.to_string()))
+}
+
+/// Parses a list of CIDRs or bare IPs; `key` names the list in errors.
+fn parse_networks(key: &str, nets: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    nets.iter()
+        .enumerate()
+        .map(|(i, net)| {
+            net.parse::<IpNet>()
+                .or_else(|_| net.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        &format!("{key}[{i}]"),
+                        format!("{net:?} is not a CIDR network or IP address"),
+                    )
+                })
+        })
+        .collect()
+}
+
 /// A `host:port` to dial: a non-empty host and a port from 1 to 65535.
 /// (Host names are resolved when dialing, so only the shape is checked.)
 fn check_host_port(key: &str, value: &str) -> Result<(), ConfigError> {
@@ -431,12 +793,67 @@ fn check_host_port(key: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// `log.level` is a level, or tracing filter directives (`agent=debug,info`).
+/// A bare word that is not a level is refused: the filter syntax would take
+/// it as a target name (`verbose` would mean "only the `verbose` target", and
+/// silence every log line), which is never what was meant.
+fn check_log_level(value: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    for directive in value.split(',').filter(|d| !d.trim().is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            // An `=` inside a span field filter (`[span{f=1}]`) is not the level's.
+            Some((_, level)) if !level.contains([']', '}']) => level,
+            _ => directive,
+        };
+        if !is_level(level) {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{level:?} is not a level (trace, debug, info, warn, error, off); \
+                     a filter is target=level, e.g. agent=debug,info"
+                ),
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(value).map_err(|e| {
+        invalid(
+            "log.level",
+            format!("{value:?} is not a valid level or filter: {e}"),
+        )
+    })?;
+    Ok(())
+}
+
+/// The known key closest to an unknown one, if it is close enough to be a
+/// typo (`prot` for `port`, `alowed_networks`).
+fn did_you_mean(unknown: &str, expected: &[&str]) -> Option<String> {
+    expected
+        .iter()
+        .map(|k| (strsim::jaro_winkler(unknown, k), *k))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k.to_string())
+}
+
 fn from_figment(err: figment::Error) -> ConfigError {
     use figment::error::Kind;
     let key = err.path.join(".");
     let message = match &err.kind {
         // figment's path already ends with the unknown key.
-        Kind::UnknownField(..) => format!("unknown key{}", source_suffix(&err)),
+        Kind::UnknownField(field, expected) => match did_you_mean(field, expected) {
+            Some(known) => {
+                let mut path = err.path.clone();
+                path.pop();
+                path.push(known);
+                format!(
+                    "unknown key; did you mean `{}`?{}",
+                    path.join("."),
+                    source_suffix(&err)
+                )
+            }
+            None => format!("unknown key{}", source_suffix(&err)),
+        },
         kind => format!("{kind}{}", source_suffix(&err)),
     };
     ConfigError { key, message }
@@ -519,6 +936,8 @@ mod tests {
             ("metrics:\n  port: 0\n", "metrics.port"),
             ("metrics:\n  address: not-an-ip\n", "metrics.address"),
             ("metrics:\n  path: metrics\n", "metrics.path"),
+            ("metrics:\n  path: /health\n", "metrics.path"),
+            ("metrics:\n  path: /ready\n", "metrics.path"),
             (
                 "metrics:\n  allowed_networks: [\"10.0.0.0/33\"]\n",
                 "metrics.allowed_networks[0]",
@@ -551,12 +970,88 @@ mod tests {
             ("metrics:\n  prot: 8080\n", "metrics.prot"),
             ("bogus: 1\n", "bogus"),
             ("log:\n  format: xml\n", "log.format"),
+            ("log:\n  level: verbose\n", "log.level"),
+            ("log:\n  level: agent=loud\n", "log.level"),
         ];
         for (yaml, key) in cases {
             let err = load_yaml(yaml).expect_err(yaml);
             assert_eq!(&err.key, key, "{yaml} gave {err}");
             assert!(!err.to_string().contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn log_levels_and_filters_are_accepted() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "agent=debug,info",
+            "warn,agent::server=trace",
+            "off",
+        ] {
+            assert_eq!(check_log_level(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_get_a_hint_when_close_to_a_known_one() {
+        let err = load_yaml("metrics:\n  prot: 8080\n").unwrap_err();
+        assert!(
+            err.message.contains("did you mean `metrics.port`?"),
+            "{err}"
+        );
+        let err = load_yaml("network:\n  alowed_networks: []\n").unwrap_err();
+        assert!(err.message.contains("`network.allowed_networks`"), "{err}");
+        let err = load_yaml("bogus: 1\n").unwrap_err();
+        assert!(!err.message.contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        for (url, shown) in [
+            ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+            (
+                "redis://user:secret@host:6379/0",
+                "redis://user:***@host:6379/0",
+            ),
+            ("rediss://:p%40ss@host/1", "rediss://:***@host/1"),
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://user@host:6379", "redis://user@host:6379"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=secret",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+            ("not a url :secret@host", "***@host"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn password_file_is_applied_and_never_shown() {
+        in_jail(|jail| {
+            std::fs::write(jail.directory().join("pw"), "s3cr3t\n").unwrap();
+            let yaml = "storage:\n  backend: redis\n  redis:\n    url: redis://host:6379/0\n    password_file: pw\n";
+            std::fs::write(jail.directory().join("a.yaml"), yaml).unwrap();
+            let (cfg, resolved) = Config::load(Some(Path::new("a.yaml"))).unwrap();
+            assert_eq!(resolved.redis_url.expose(), "redis://:s3cr3t@host:6379/0");
+            assert!(!format!("{resolved:?}").contains("s3cr3t"));
+            assert!(!cfg.to_yaml().contains("s3cr3t"));
+
+            let both =
+                "storage:\n  redis:\n    url: redis://:x@host:6379/0\n    password_file: pw\n";
+            std::fs::write(jail.directory().join("b.yaml"), both).unwrap();
+            let err = Config::load(Some(Path::new("b.yaml"))).unwrap_err();
+            assert_eq!(err.key, "storage.redis.password_file", "{err}");
+
+            std::fs::write(
+                jail.directory().join("c.yaml"),
+                "storage:\n  redis:\n    password_file: missing\n",
+            )
+            .unwrap();
+            let err = Config::load(Some(Path::new("c.yaml"))).unwrap_err();
+            assert_eq!(err.key, "storage.redis.password_file", "{err}");
+        });
     }
 
     #[test]

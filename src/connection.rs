@@ -69,6 +69,32 @@ impl PeerStream for TcpStream {
     }
 }
 
+impl PeerStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn unacknowledged(&self) -> usize {
+        self.get_ref().0.unacknowledged()
+    }
+
+    fn failed(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.get_ref().0.failed()
+    }
+}
+
+impl PeerStream for tokio_rustls::client::TlsStream<TcpStream> {
+    fn unacknowledged(&self) -> usize {
+        self.get_ref().0.unacknowledged()
+    }
+
+    fn failed(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.get_ref().0.failed()
+    }
+}
+
+/// Sets TCP_NODELAY on a socket that will carry TLS: replies are flushed
+/// when due and must not wait for an acknowledgement.
+pub fn prepare(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+}
+
 /// What a wait for memory from the budget fails with when the peer reset
 /// the connection meanwhile: the request cannot be answered any more.
 fn reset_while_waiting() -> std::io::Error {

@@ -2,9 +2,17 @@
 //! storage, encode. No sockets here, so benchmarks drive exactly the code
 //! that serves peers.
 
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::peer_text::preview;
 use crate::protocol::{self, EchoId, FailReason, Failure, Outcome, Request};
 use crate::storage::Storage;
 use crate::telemetry::{MessageMetrics, Start};
+use crate::throttle::Throttle;
+
+/// At most one summary of failed messages per this period.
+const FAILURE_SUMMARY_PERIOD: Duration = Duration::from_secs(10);
 
 /// A request line decoded into owned parts, counted as received: the
 /// line's buffer can be released before the request runs.
@@ -27,6 +35,44 @@ impl Decoded {
 pub struct Handler<S> {
     storage: S,
     metrics: MessageMetrics,
+    failures: FailureSummary,
+}
+
+/// Failed messages, summarised in the log: the first at once, then at
+/// most one line per [`FAILURE_SUMMARY_PERIOD`] with the count by reason
+/// since the last line, and one example error (an escaped preview: it can
+/// quote what the peer sent). Misbehaving peers cannot flood the log, and
+/// the `HighMessageErrorRate` runbook has lines to read.
+struct FailureSummary {
+    state: Mutex<(Throttle, [u64; FailReason::ALL.len()])>,
+}
+
+impl FailureSummary {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((
+                Throttle::new(FAILURE_SUMMARY_PERIOD),
+                [0; FailReason::ALL.len()],
+            )),
+        }
+    }
+
+    fn record(&self, failure: &Failure) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1[failure.reason as usize] += 1;
+        if state.0.allow().is_some() {
+            let n = std::mem::take(&mut state.1);
+            tracing::warn!(
+                parse = n[FailReason::Parse as usize],
+                invalid = n[FailReason::Invalid as usize],
+                unknown_op = n[FailReason::UnknownOp as usize],
+                too_large = n[FailReason::TooLarge as usize],
+                storage = n[FailReason::Storage as usize],
+                example = %preview(failure.message.as_bytes()),
+                "messages answered with an error since the last summary"
+            );
+        }
+    }
 }
 
 impl<S: Storage> Handler<S> {
@@ -35,6 +81,7 @@ impl<S: Storage> Handler<S> {
         Self {
             storage,
             metrics: MessageMetrics::new(),
+            failures: FailureSummary::new(),
         }
     }
 
@@ -90,6 +137,7 @@ impl<S: Storage> Handler<S> {
     fn reply(&self, start: Start, id: Option<&EchoId>, outcome: &Outcome, out: &mut Vec<u8>) {
         if let Outcome::Failed(f) = outcome {
             self.metrics.failed(f.reason).increment(1);
+            self.failures.record(f);
         }
         protocol::encode(out, id.map(EchoId::as_bytes), outcome);
         self.metrics.duration.record_since(start);

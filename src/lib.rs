@@ -18,12 +18,15 @@ pub mod budget;
 pub mod config;
 pub mod connection;
 pub mod handler;
+pub mod net;
 pub mod peer_text;
 pub mod peers;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+pub mod throttle;
 
 #[cfg(test)]
 pub(crate) mod test_support;

@@ -7,12 +7,17 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{Connection, Frame};
+use crate::connection::{self, Connection, Frame, PeerStream};
 use crate::peer_text::{preview, Throttle};
-use crate::telemetry::PeerMetrics;
+use crate::telemetry::{DenyReason, PeerMetrics};
 
 /// Hands out guards that keep `agent_peers_connected` exact.
 #[derive(Clone)]
@@ -48,6 +53,16 @@ impl Peers {
     pub fn idle_closed(&self) {
         self.metrics.idle_closed.increment(1);
     }
+
+    /// Sets `agent_peers_configured`: how many outbound peers are configured.
+    pub fn configured(&self, n: usize) {
+        self.metrics.configured.set(n as f64);
+    }
+
+    /// Counts an inbound connection closed before any request was read.
+    pub fn denied(&self, reason: DenyReason) {
+        self.metrics.denied(reason).increment(1);
+    }
 }
 
 impl Default for Peers {
@@ -72,6 +87,9 @@ impl Drop for PeerGuard {
 pub struct DialPolicy {
     pub ping_interval: Duration,
     pub max_backoff: Duration,
+    /// Mutual TLS (`network.tls`): present our certificate, verify the
+    /// peer's against the CA and the host name we dialed.
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -94,12 +112,15 @@ pub async fn maintain(addr: String, policy: DialPolicy, peers: Peers, cancel: Ca
     loop {
         let dialed = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)) => r,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, dial(&addr, policy.tls.as_ref())) => r,
         };
         match dialed {
             Ok(Ok(stream)) => {
-                tracing::debug!(peer = %addr, "TCP connection to peer open; pinging");
-                let session = keepalive(stream, &policy, &peers, &mut log, &cancel).await;
+                tracing::debug!(peer = %addr, tls = policy.tls.is_some(), "connection to peer open; pinging");
+                let session = match stream {
+                    Dialed::Plain(s) => keepalive(s, &policy, &peers, &mut log, &cancel).await,
+                    Dialed::Tls(s) => keepalive(*s, &policy, &peers, &mut log, &cancel).await,
+                };
                 if cancel.is_cancelled() {
                     return;
                 }
@@ -119,6 +140,40 @@ pub async fn maintain(addr: String, policy: DialPolicy, peers: Peers, cancel: Ca
         }
         backoff = (backoff * 2).min(policy.max_backoff);
     }
+}
+
+/// An established outbound connection.
+enum Dialed {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connects to `addr`, then runs the TLS handshake when `tls` is set. The
+/// peer's certificate must chain to the CA and name the host we dialed.
+async fn dial(addr: &str, tls: Option<&Arc<ClientConfig>>) -> std::io::Result<Dialed> {
+    let stream = TcpStream::connect(addr).await?;
+    connection::prepare(&stream);
+    let Some(config) = tls else {
+        return Ok(Dialed::Plain(stream));
+    };
+    let name = server_name(addr).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a valid TLS server name",
+        )
+    })?;
+    let stream = TlsConnector::from(Arc::clone(config))
+        .connect(name, stream)
+        .await?;
+    Ok(Dialed::Tls(Box::new(stream)))
+}
+
+/// The name a peer's certificate must carry: the host part of `host:port`
+/// (an IP address or a DNS name; IPv6 without its brackets).
+fn server_name(addr: &str) -> Option<ServerName<'static>> {
+    let (host, _port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string()).ok()
 }
 
 /// What an outbound peer's log says, so that a misbehaving peer cannot
@@ -205,15 +260,15 @@ struct Session {
 }
 
 /// Pings until the connection fails.
-async fn keepalive(
-    stream: TcpStream,
+async fn keepalive<S: PeerStream>(
+    stream: S,
     policy: &DialPolicy,
     peers: &Peers,
     log: &mut PeerLog<'_>,
     cancel: &CancellationToken,
 ) -> Session {
     let _guard = peers.connected();
-    let mut conn = Connection::tcp(stream, MAX_PING_REPLY);
+    let mut conn = Connection::new(stream, MAX_PING_REPLY);
     let mut healthy = false;
     let end = |healthy: bool, reason: String| Session { healthy, reason };
     let mut seq: u64 = 0;

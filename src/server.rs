@@ -1,12 +1,16 @@
-//! The peer listener: accepts connections, enforces the connection limit
-//! (evicting never-served connections first, see [`crate::admission`]),
-//! closes idle ones, and serves each connection in its own task.
+//! The peer listener: admits connections (the allow-list, then the
+//! connection limit, evicting never-served connections first, see
+//! [`crate::admission`], then the TLS handshake), closes idle ones, and
+//! serves each connection in its own task.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -14,9 +18,11 @@ use crate::admission::{Admission, Admitted, Ticket};
 use crate::budget::{Budget, Reservation};
 use crate::connection::{self, Connection, Frame, PeerStream, FIXED_BUFFER};
 use crate::handler::Handler;
+use crate::net::{accept, allowed};
 use crate::peers::Peers;
 use crate::protocol;
 use crate::storage::Storage;
+use crate::telemetry::DenyReason;
 
 /// How long a closing connection may take to deliver its last replies.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
@@ -39,6 +45,19 @@ pub struct Server<S> {
     pub idle_timeout: Duration,
     /// `network.max_buffered_bytes`, shared by every connection.
     pub budget: Arc<Budget>,
+    /// `network.allowed_networks`; empty admits every address.
+    pub allowed_networks: Vec<IpNet>,
+    /// Mutual TLS, when `network.tls` is set.
+    pub tls: Option<PeerTlsAcceptor>,
+}
+
+/// The inbound half of peer TLS.
+#[derive(Clone)]
+pub struct PeerTlsAcceptor {
+    /// Requires a client certificate from the configured CA.
+    pub acceptor: TlsAcceptor,
+    /// `network.tls.handshake_timeout`.
+    pub handshake_timeout: Duration,
 }
 
 impl<S: Storage> Server<S> {
@@ -50,6 +69,13 @@ impl<S: Storage> Server<S> {
             else {
                 return;
             };
+            // Before a slot and before any byte is read: an address outside
+            // the allow-list costs the agent nothing but the accept.
+            if !allowed(&self.allowed_networks, remote.ip()) {
+                self.peers.denied(DenyReason::NotAllowed);
+                tracing::debug!(%remote, "not in network.allowed_networks; closing connection");
+                continue;
+            }
             let ticket = match admission.admit() {
                 Admitted::Yes(ticket) => ticket,
                 Admitted::Evicting(ticket) => {
@@ -67,37 +93,74 @@ impl<S: Storage> Server<S> {
             let peers = self.peers.clone();
             let cancel = cancel.clone();
             let budget = Arc::clone(&self.budget);
-            let conn = Connection::tcp(stream, self.max_line)
-                .with_idle_timeout(self.idle_timeout)
-                .with_budget(Arc::clone(&budget));
+            let (max_line, idle_timeout) = (self.max_line, self.idle_timeout);
+            let Some(tls) = self.tls.clone() else {
+                let conn = Connection::tcp(stream, max_line)
+                    .with_idle_timeout(idle_timeout)
+                    .with_budget(Arc::clone(&budget));
+                tracker.spawn(async move {
+                    let _guard = peers.connected();
+                    serve(conn, &handler, &peers, &budget, &ticket, &cancel).await;
+                    drop(ticket);
+                });
+                continue;
+            };
             tracker.spawn(async move {
-                let _guard = peers.connected();
-                serve(conn, &handler, &peers, &budget, &ticket, &cancel).await;
+                connection::prepare(&stream);
+                // A connection still in its handshake has completed no
+                // request, so it may be evicted at the cap like any other.
+                let stream = tokio::select! {
+                    s = handshake(stream, remote, &tls, &peers, &cancel) => s,
+                    _ = ticket.evicted() => None,
+                };
+                if let Some(stream) = stream {
+                    let conn = Connection::new(stream, max_line)
+                        .with_idle_timeout(idle_timeout)
+                        .with_budget(Arc::clone(&budget));
+                    let _guard = peers.connected();
+                    serve(conn, &handler, &peers, &budget, &ticket, &cancel).await;
+                }
                 drop(ticket);
             });
         }
     }
 }
 
-/// Accepts the next connection, or None once `cancel` fires. A failed
-/// accept (usually EMFILE) is logged and retried after a pause instead of
-/// spinning. `what` names the listener in the log.
-pub async fn accept(
-    listener: &TcpListener,
+/// Runs the server side of the TLS handshake, bounded by the handshake
+/// timeout (a client that stalls mid-handshake would otherwise hold its
+/// connection slot) and by shutdown. A failure is counted by reason.
+async fn handshake(
+    stream: TcpStream,
+    remote: SocketAddr,
+    tls: &PeerTlsAcceptor,
+    peers: &Peers,
     cancel: &CancellationToken,
-    what: &str,
-) -> Option<(TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return None,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => return Some(pair),
-                Err(e) => {
-                    tracing::warn!(error = %e, "{what}: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accepted = tokio::select! {
+        _ = cancel.cancelled() => return None,
+        r = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)) => r,
+    };
+    let (reason, error) = match accepted {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(e)) => (classify(&e), e.to_string()),
+        Err(_) => (DenyReason::TlsTimeout, "handshake timed out".to_string()),
+    };
+    peers.denied(reason);
+    // Debug, not warn: anyone who can reach the port can trigger this, and
+    // the counter is what to alert on. The dialing side logs the cause.
+    tracing::debug!(%remote, reason = reason.as_str(), %error, "peer TLS handshake failed");
+    None
+}
+
+/// Maps a handshake error to its deny reason.
+fn classify(e: &std::io::Error) -> DenyReason {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::NoCertificatesPresented) => DenyReason::TlsNoCertificate,
+        Some(rustls::Error::InvalidCertificate(_)) => DenyReason::TlsBadCertificate,
+        _ => DenyReason::TlsError,
     }
 }
 

@@ -38,7 +38,15 @@ const BAD_FILES: &[(&str, &str)] = &[
     ("metrics:\n  port: abc\n", "metrics.port: "),
     ("metrics:\n  path: metrics\n", "metrics.path: "),
     ("metrics:\n  path: /health\n", "metrics.path: "),
-    ("metrics:\n  prot: 8080\n", "metrics.prot: unknown key"),
+    (
+        "metrics:\n  prot: 8080\n",
+        "metrics.prot: unknown key; did you mean `metrics.port`?",
+    ),
+    (
+        "log:\n  level: verbose\n",
+        "log.level: \"verbose\" is not a level",
+    ),
+    ("metrics:\n  path: /ready\n", "metrics.path: "),
     ("metrics:\n  address: not-an-ip\n", "metrics.address: "),
     ("storage:\n  backend: postgres\n", "storage.backend: "),
     (

@@ -793,7 +793,20 @@ fn health_answers_ok_other_paths_404_and_metrics_path_is_configurable() {
     let agent = Agent::start();
     let health = agent.http_get("/health");
     assert_eq!((health.status, health.body.as_str()), (200, "OK\n"));
-    for path in ["/", "/nope", "/metrics/", "/metricsx", "/health/x"] {
+    let ready = agent.http_get("/ready");
+    assert_eq!((ready.status, ready.body.as_str()), (200, "OK\n"));
+    assert_eq!(
+        http_request(agent.metrics_addr, "HEAD", "/ready"),
+        (200, String::new())
+    );
+    for path in [
+        "/",
+        "/nope",
+        "/metrics/",
+        "/metricsx",
+        "/health/x",
+        "/ready/x",
+    ] {
         let resp = agent.http_get(path);
         assert_eq!(
             (resp.status, resp.body.as_str()),
@@ -820,6 +833,7 @@ fn health_answers_ok_other_paths_404_and_metrics_path_is_configurable() {
     );
     assert_eq!(custom.http_get("/metrics").status, 404);
     assert_eq!(custom.http_get("/health").status, 200);
+    assert_eq!(custom.http_get("/ready").status, 200);
 }
 
 /// Runs the binary with free peer and storage settings to its exit.
@@ -882,4 +896,149 @@ fn metrics_port_in_use_stops_startup_with_one_line_naming_the_address() {
         "the error once, not also as a log line:\n{stderr}"
     );
     drop(holder);
+}
+
+/// GET with extra request headers; (status, headers, raw body bytes).
+fn get_with_headers(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, raw[split + 4..].to_vec())
+}
+
+/// Each series of a page (name and labels), and every HELP and TYPE line:
+/// what two scrapes moments apart agree on.
+fn shape(page: &str) -> Vec<String> {
+    page.lines()
+        .map(|l| match l.starts_with('#') {
+            true => l.to_string(),
+            false => l
+                .rsplit_once(' ')
+                .map_or(l, |(series, _)| series)
+                .to_string(),
+        })
+        .collect()
+}
+
+#[test]
+fn gzip_is_served_to_clients_that_accept_it() {
+    use std::io::Read as _;
+    let agent = Agent::start();
+    agent.connect().known_traffic(3, 2, 1, 0);
+    let header =
+        |h: &[(String, String)], k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+
+    let (status, h, plain) = get_with_headers(agent.metrics_addr, "/metrics", "");
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "content-encoding"), None);
+    let (status, h, gz) =
+        get_with_headers(agent.metrics_addr, "/metrics", "Accept-Encoding: gzip\r\n");
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "content-encoding").as_deref(), Some("gzip"));
+    assert_eq!(header(&h, "vary").as_deref(), Some("Accept-Encoding"));
+    assert_eq!(header(&h, "content-type").as_deref(), Some(CONTENT_TYPE));
+    let mut unzipped = String::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_string(&mut unzipped)
+        .expect("a valid gzip body");
+    assert!(
+        gz.len() * 3 < unzipped.len(),
+        "compressed {} of {}",
+        gz.len(),
+        unzipped.len()
+    );
+    let plain = String::from_utf8(plain).unwrap();
+    // The same page: the same series, HELP and TYPE lines; and the values
+    // that did not move between the two scrapes are equal.
+    assert_eq!(shape(&unzipped), shape(&plain));
+    for (name, labels) in [
+        ("messages_received_total", &[][..]),
+        (
+            "storage_operations_total",
+            &[("operation", "put"), ("backend", "local")][..],
+        ),
+    ] {
+        assert_eq!(value(&unzipped, name, labels), value(&plain, name, labels));
+    }
+    assert_eq!(value(&plain, "messages_received_total", &[]), 6.0);
+    // Prometheus's own header, and refusals.
+    let (_, h, _) = get_with_headers(
+        agent.metrics_addr,
+        "/metrics",
+        "Accept-Encoding: gzip, deflate, br;q=0.9\r\n",
+    );
+    assert_eq!(header(&h, "content-encoding").as_deref(), Some("gzip"));
+    for refused in [
+        "Accept-Encoding: identity\r\n",
+        "Accept-Encoding: gzip;q=0\r\n",
+    ] {
+        let (_, h, _) = get_with_headers(agent.metrics_addr, "/metrics", refused);
+        assert_eq!(header(&h, "content-encoding"), None, "{refused}");
+    }
+}
+
+#[test]
+fn scrapes_are_counted_by_code_and_405_names_the_allowed_methods() {
+    let agent = Agent::start();
+    for _ in 0..3 {
+        agent.scrape();
+    }
+    let mut stream = TcpStream::connect(agent.metrics_addr).unwrap();
+    write!(
+        stream,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("\r\nallow: get, head\r\n"),
+        "{raw}"
+    );
+    // Not scrapes: other paths.
+    agent.http_get("/health");
+    agent.http_get("/nope");
+    // The fourth scrape counts itself.
+    let text = agent.scrape();
+    assert_eq!(
+        value(&text, "agent_metrics_scrapes_total", &[("code", "200")]),
+        4.0
+    );
+    assert_eq!(
+        value(&text, "agent_metrics_scrapes_total", &[("code", "405")]),
+        1.0
+    );
+    assert_eq!(
+        value(&text, "agent_metrics_scrapes_total", &[("code", "401")]),
+        0.0
+    );
+    assert_eq!(
+        value(&text, "agent_metrics_scrapes_total", &[("code", "403")]),
+        0.0
+    );
 }

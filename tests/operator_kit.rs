@@ -137,7 +137,7 @@ fn promtool_check_config_accepts_docs_prometheus_yml() {
         out.contains("is valid prometheus config file syntax"),
         "{out}"
     );
-    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
     assert!(!out.contains("WARNING"), "{out}");
 
     // Control: a malformed targets file next to it makes the check fail, so
@@ -160,18 +160,36 @@ fn promtool_check_rules_accepts_docs_alerts_yml() {
     let (ok, out) = promtool(&bin, &docs(), &["check", "rules", "alerts.yml"]);
     assert!(ok, "promtool check rules failed:\n{out}");
     let rules = alert_rules();
-    assert_eq!(rules.len(), 7, "{rules:?}");
+    assert_eq!(rules.len(), 11, "{rules:?}");
     assert!(
         out.contains(&format!("SUCCESS: {} rules found", rules.len())),
         "{out}"
     );
-    // Every alert carries a severity to route on.
+    // Every alert carries a severity to route on, and a runbook_url that
+    // points at its own section of docs/monitoring.md.
     let doc = yaml(&read_doc("alerts.yml"));
+    let monitoring = read_doc("monitoring.md");
     for rule in doc["groups"][0]["rules"].as_sequence().unwrap() {
+        let name = rule["alert"].as_str().unwrap();
         let severity = rule["labels"]["severity"].as_str().unwrap_or("");
-        assert!(["critical", "warning"].contains(&severity), "{rule:?}");
+        assert!(
+            ["critical", "warning", "info"].contains(&severity),
+            "{rule:?}"
+        );
         assert!(rule["annotations"]["summary"].is_string(), "{rule:?}");
         assert!(rule["annotations"]["description"].is_string(), "{rule:?}");
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap_or("");
+        assert_eq!(url, format!("docs/monitoring.md#{}", name.to_lowercase()));
+        assert!(
+            monitoring.contains(&format!("\n### {name}\n")),
+            "docs/monitoring.md has no '### {name}' section for its runbook_url"
+        );
+        // Routing: aggregations keep the target's labels (env, role, ...).
+        let expr = rule["expr"].as_str().unwrap();
+        assert!(
+            !expr.contains(" by ("),
+            "{name} drops target labels: {expr}"
+        );
     }
 }
 

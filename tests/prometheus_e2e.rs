@@ -127,7 +127,12 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     if require_bin("prometheus").is_none() {
         return;
     }
-    let agent = Agent::start();
+    // One configured peer that never answers: AgentNoPeers must go pending
+    // (it fires only where peers are expected).
+    let agent = Agent::start_with(AgentOptions::default().env(
+        "AGENT_NETWORK__PEERS",
+        format!("[127.0.0.1:{}]", free_port()),
+    ));
     // Prometheus 3 refuses a scrape without a valid Content-Type.
     let resp = agent.http_get("/metrics");
     assert_eq!(resp.status, 200);
@@ -258,8 +263,14 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     assert!(p99.is_finite() && p99 > 0.0 && p99 <= 10.0, "p99 = {p99}");
 
     // The installed alerts evaluate against the real series without errors:
-    // the agent has no peers (AgentNoPeers pending, for: 10m), it is up and
-    // scraped (AgentDown and AgentTargetsMissing inactive).
+    // the agent has a peer configured and none connected (AgentNoPeers
+    // pending, for: 10m, with the targets file's env label), it is up and
+    // scraped (AgentDown and AgentTargetsMissing inactive), its storage is
+    // usable (AgentStorageDown inactive).
+    let alerts_yml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/alerts.yml"))
+            .unwrap();
+    let defined = alerts_yml.matches("- alert: ").count();
     let mut rules = Vec::new();
     let settled = wait_until(|| {
         let answer = prom.api("/api/v1/rules?type=alert");
@@ -275,7 +286,7 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
                 .find(|r| r["name"] == name)
                 .map(|r| r["state"].as_str().unwrap_or("").to_string())
         };
-        rules.len() == 7
+        rules.len() == defined
             && rules.iter().all(|r| r["health"] == "ok")
             && state("AgentNoPeers").as_deref() == Some("pending")
     });
@@ -286,7 +297,9 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     );
     for rule in &rules {
         assert_eq!(rule["lastError"].as_str().unwrap_or(""), "", "{rule}");
-        if ["AgentDown", "AgentTargetsMissing"].contains(&rule["name"].as_str().unwrap()) {
+        if ["AgentDown", "AgentTargetsMissing", "AgentStorageDown"]
+            .contains(&rule["name"].as_str().unwrap())
+        {
             assert_eq!(rule["state"], "inactive", "{rule}");
         }
     }
@@ -294,4 +307,78 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     let alert = &pending["alerts"][0];
     assert_eq!(alert["labels"]["instance"], instance.as_str(), "{pending}");
     assert_eq!(alert["labels"]["severity"], "warning", "{pending}");
+    assert_eq!(
+        alert["labels"]["env"], "e2e",
+        "routing labels kept: {pending}"
+    );
+}
+
+#[test]
+fn prometheus_scrapes_over_https_with_basic_auth() {
+    if require_bin("prometheus").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = pki::Ca::new(certs.path(), "scrape");
+    let leaf = ca.leaf(certs.path(), "agent");
+    let web = certs.path().join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  prometheus: '{}'\n",
+            leaf.cert_file.display(),
+            leaf.key_file.display(),
+            pki::bcrypt_hash("scrape-secret")
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_with(
+        AgentOptions::default().env("AGENT_METRICS__WEB_CONFIG_FILE", web.display()),
+    );
+    let password_file = dir.path().join("agent.pw");
+    std::fs::write(&password_file, "scrape-secret").unwrap();
+
+    // docs/prometheus.yml with the job switched to HTTPS and basic auth, as
+    // docs/security.md tells operators to do.
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&config_for(dir.path(), &agent)).unwrap();
+    let job = &mut config["scrape_configs"][0];
+    job["scheme"] = "https".into();
+    job["basic_auth"] = serde_yaml::from_str(&format!(
+        "{{username: prometheus, password_file: {}}}",
+        password_file.display()
+    ))
+    .unwrap();
+    job["tls_config"] =
+        serde_yaml::from_str(&format!("{{ca_file: {}}}", ca.cert_file.display())).unwrap();
+    let prom = Prometheus::start_in(dir, &serde_yaml::to_string(&config).unwrap())
+        .expect("prometheus is installed");
+
+    let mut peer = agent.connect();
+    peer.known_traffic(3, 0, 0, 0);
+    let received = scraped_after(&prom, r#"messages_received_total{job="agent"}"#, now_secs());
+    assert_eq!(received, BTreeMap::from([(String::new(), 3.0)]));
+    let targets = prom.api("/api/v1/targets?state=active");
+    let active = targets["data"]["activeTargets"].as_array().unwrap();
+    assert_eq!(active.len(), 1, "{targets}");
+    assert_eq!(active[0]["health"], "up", "{targets}");
+    assert_eq!(active[0]["lastError"], "", "{targets}");
+    assert_eq!(
+        active[0]["scrapeUrl"],
+        format!("https://{}/metrics", agent.metrics_addr)
+    );
+    // Prometheus authenticated every time: no 401 was ever answered.
+    let text = pki::https_get(
+        agent.metrics_addr,
+        "/metrics",
+        pki::client_config(&ca.cert_file, None),
+        Some(("prometheus", "scrape-secret")),
+    )
+    .unwrap()
+    .body;
+    assert_eq!(
+        sample(&text, "agent_http_requests_unauthorized_total", &[]),
+        Some(0.0)
+    );
 }

@@ -820,3 +820,52 @@ fn a_peer_that_does_not_read_is_throttled_not_buffered() {
     finisher.join().unwrap();
     assert_eq!(received(), (total + 2) as f64);
 }
+
+/// Issue #13: the HighMessageErrorRate runbook sends operators to the log.
+/// Failed messages are summarised there by reason, at most one line per
+/// 10 s, with an escaped example: a burst writes one line, not one per
+/// message, and peer bytes never reach the log raw.
+#[test]
+fn failed_messages_are_summarised_in_the_log_not_logged_one_by_one() {
+    let mut agent = Agent::start();
+    let mut peer = agent.connect();
+    peer.send_raw(b"\x1b[31mnot json\n");
+    assert_eq!(
+        peer.read_line().map(|r| r.contains("\"ok\":false")),
+        Some(true)
+    );
+    for _ in 0..49 {
+        assert_eq!(peer.call(serde_json::json!({"op": "fly"}))["ok"], false);
+    }
+    agent.wait_for_log("messages answered with an error");
+    let log = agent.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("messages answered with an error"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    let line = lines[0];
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("parse=1") && line.contains("unknown_op=0"),
+        "{line}"
+    );
+    assert!(
+        line.contains(r"\x1b[31mnot json") || line.contains("example="),
+        "{line}"
+    );
+    assert!(
+        !log.contains('\x1b'),
+        "a raw escape reached the log:\n{log}"
+    );
+    // Counted exactly, whatever the log says.
+    let text = agent.scrape();
+    assert_eq!(
+        sample(&text, "messages_failed_total", &[("reason", "parse")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "messages_failed_total", &[("reason", "unknown_op")]),
+        Some(49.0)
+    );
+}

@@ -291,3 +291,90 @@ fn hung_redis_is_bounded_by_the_timeout() {
         r#"{"id":6,"ok":true,"value":"yes"}"#
     );
 }
+
+/// The storage-failure lines of the log: (operation, suppressed count).
+fn failure_lines(log: &str) -> Vec<(String, u64)> {
+    log.lines()
+        .filter(|l| l.contains("WARN") && l.contains("storage operation failed"))
+        .map(|l| {
+            let field = |name: &str| {
+                l.split_once(&format!("{name}="))
+                    .map(|(_, rest)| {
+                        rest.split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .trim_matches('"')
+                            .to_string()
+                    })
+                    .unwrap_or_default()
+            };
+            assert_eq!(field("backend"), "redis", "{l}");
+            assert!(!field("error").is_empty(), "{l}");
+            (field("operation"), field("suppressed").parse().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// Issue #13: the StorageErrors runbook sends operators to the log, which
+/// must give the failing operation, backend and error; an outage must not
+/// flood it, and its end must be logged once.
+#[test]
+fn storage_failures_are_logged_rate_limited_and_the_recovery_once() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let agent = redis_agent(&redis, &[]);
+    let mut peer = agent.connect();
+    assert_eq!(peer.put("k", "v")["ok"], true);
+    redis.stop();
+
+    const FAILURES: usize = 40;
+    let started = std::time::Instant::now();
+    for _ in 0..FAILURES {
+        let reply = peer.put("k", "v");
+        assert_eq!(reply["ok"], false, "{reply}");
+    }
+    let elapsed = started.elapsed();
+    let lines = failure_lines(&agent.log());
+    // About one line a second, never one per failure.
+    let most = elapsed.as_secs() as usize + 2;
+    assert!(
+        !lines.is_empty() && lines.len() <= most,
+        "{} warn lines for {FAILURES} failures in {elapsed:?}:\n{}",
+        lines.len(),
+        agent.log()
+    );
+    assert!(lines.iter().all(|(op, _)| op == "put"), "{lines:?}");
+    // The lines and the failures they held back add up to at most the total.
+    let accounted: u64 = lines.iter().map(|(_, s)| s + 1).sum();
+    assert!(accounted <= FAILURES as u64, "{lines:?}");
+
+    redis.restart();
+    let recovered = wait_until(|| peer.put("k", "back")["ok"] == true);
+    assert!(recovered);
+    let mut agent = agent;
+    agent.wait_for_log("storage operations succeed again");
+    let recoveries = |agent: &Agent| -> Vec<String> {
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains("storage operations succeed again"))
+            .map(str::to_string)
+            .collect()
+    };
+    // Recovery is logged per operation, once.
+    let lines = recoveries(&agent);
+    assert_eq!(lines.len(), 1, "{}", agent.log());
+    assert!(lines[0].contains("operation=\"put\""), "{}", lines[0]);
+    assert!(lines[0].contains("backend=\"redis\""), "{}", lines[0]);
+    let failed: usize = lines[0]
+        .split_once("failed_operations=")
+        .and_then(|(_, n)| n.split_whitespace().next()?.parse().ok())
+        .expect("failed_operations");
+    // The 40, plus the puts that failed while Redis was coming back.
+    assert!(failed >= FAILURES, "{}", lines[0]);
+    // Further successes log nothing more.
+    assert_eq!(peer.get("k")["value"], "back");
+    assert_eq!(peer.put("k", "again")["ok"], true);
+    assert_eq!(recoveries(&agent).len(), 1);
+}

@@ -8,7 +8,19 @@
 //! 4. Redis outages under load;
 //! 5. `kill -9` under concurrent writes loses no acknowledged put;
 //! 6. SIGTERM under load: answers what it read, exits 0 in time, loses nothing;
-//! 7. process CPU and memory metrics agree with /proc under load.
+//! 7. process CPU and memory metrics agree with /proc under load;
+//! 8. `/ready` and `agent_storage_up` follow Redis without traffic;
+//! 9. an empty or foreign database file stops startup and is left alone;
+//! 10. a full disk fails puts, keeps gets, and writes resume once space is
+//!     freed, with nothing acknowledged lost;
+//! 11. a panic on a damaged page is caught, counted and fails the store;
+//! 12. a database file deleted or replaced under the agent is noticed and
+//!     no put is acknowledged into it;
+//! 13. idle connections cannot lock peers out, and close after the idle timeout;
+//! 14. memory stays bounded with 400 peers and 1 MiB messages, and returns;
+//! 15. a misbehaving outbound peer is redialled with backoff and cannot
+//!     flood the log;
+//! 16. SIGUSR1, SIGUSR2 and SIGQUIT are logged and ignored.
 //!
 //! Each test prints its figures (`cargo test --test reliability -- --nocapture`).
 
@@ -1897,7 +1909,7 @@ fn process_metrics_match_proc_under_cpu_load() {
 }
 
 // ---------------------------------------------------------------------------
-// 8. Idle connections
+// 13. Idle connections
 // ---------------------------------------------------------------------------
 
 /// Issue #15, item 1: with the default cap, 5,000 silent connections held
@@ -2099,7 +2111,7 @@ fn idle_connections_cannot_lock_out_peers_and_close_after_the_idle_timeout() {
 }
 
 // ---------------------------------------------------------------------------
-// 9. Memory per connection
+// 14. Memory per connection
 // ---------------------------------------------------------------------------
 
 /// Samples `f` every 20 ms until the agent's message count has not moved
@@ -2364,7 +2376,7 @@ fn memory_stays_bounded_with_400_peers_and_1_mib_messages_and_returns_after() {
 }
 
 // ---------------------------------------------------------------------------
-// 10. A misbehaving outbound peer
+// 15. A misbehaving outbound peer
 // ---------------------------------------------------------------------------
 
 /// What the fake peer does with the agent's `n`-th connection.
@@ -2537,7 +2549,7 @@ fn misbehaving_outbound_peer_is_redialled_with_backoff_and_cannot_flood_the_log(
 }
 
 // ---------------------------------------------------------------------------
-// 11. Signals other than SIGTERM and SIGINT
+// 16. Signals other than SIGTERM and SIGINT
 // ---------------------------------------------------------------------------
 
 /// Issue #15, item 7: SIGUSR1, SIGUSR2 and SIGQUIT used to kill the agent
@@ -2589,5 +2601,566 @@ fn sigusr1_sigusr2_and_sigquit_are_logged_and_ignored_under_load() {
         status.code()
     );
     assert_eq!(unacked_present, 0, "puts were executed but never answered");
+    assert_no_panic(&agent);
+}
+
+// ---------------------------------------------------------------------------
+// 8-12. Readiness; full, damaged and deleted database files
+// ---------------------------------------------------------------------------
+
+const LOCAL: [(&str, &str); 1] = [("backend", "local")];
+
+/// An agent whose database is `db` (outside its own directory).
+fn agent_on(db: &std::path::Path) -> Agent {
+    start(AgentOptions::default().env("AGENT_STORAGE__LOCAL__PATH", db.display()))
+}
+
+/// Polls `/ready` until it answers `status`; returns how long that took and
+/// the body.
+fn wait_ready_status(agent: &Agent, status: u16) -> (Duration, String) {
+    let start = Instant::now();
+    let mut last = None;
+    let ok = wait_until(|| {
+        let resp = agent.http_get("/ready");
+        let hit = resp.status == status;
+        last = Some(resp);
+        hit
+    });
+    assert!(
+        ok,
+        "/ready never answered {status}: {last:?}\n{}",
+        agent.log()
+    );
+    (start.elapsed(), last.unwrap().body)
+}
+
+/// Lines of the agent's log that contain `needle`.
+fn log_lines(agent: &Agent, needle: &str) -> usize {
+    agent.log().lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Asserts the agent logged `needle` exactly `n` times (n > 0), once the
+/// lines have come through the pipe the test reads its output from.
+fn assert_logged(agent: &Agent, needle: &str, n: usize) {
+    wait_until(|| log_lines(agent, needle) >= n);
+    let got = log_lines(agent, needle);
+    assert_eq!(got, n, "{needle:?} logged {got} times:\n{}", agent.log());
+}
+
+/// A value the test can recognise: which key, and padding to `len` bytes.
+fn recognisable(key: &str, len: usize) -> String {
+    let mut v = format!("{key}=");
+    while v.len() < len {
+        v.push('.');
+    }
+    v
+}
+
+/// Puts `key` until a put succeeds, once every 10 ms; returns how long it
+/// took and how many puts failed first.
+fn put_until_ok(peer: &mut Peer, key: &str, value: &str) -> (Duration, u64) {
+    let start = Instant::now();
+    let mut failures = 0;
+    let ok = wait_until(|| {
+        if peer.put(key, value)["ok"] == true {
+            return true;
+        }
+        failures += 1;
+        std::thread::sleep(Duration::from_millis(10));
+        false
+    });
+    assert!(ok, "puts never succeeded again");
+    (start.elapsed(), failures)
+}
+
+#[test]
+fn full_disk_fails_puts_keeps_gets_and_recovers_without_restart() {
+    let Some(fs) = Tmpfs::mount("8m") else {
+        return;
+    };
+    let db = fs.path().join("agent.db");
+    let mut agent = agent_on(&db);
+    let mut peer = agent.connect();
+    assert_eq!(
+        (
+            agent.http_get("/ready").status,
+            agent.http_get("/ready").body
+        ),
+        (200, "OK\n".to_string())
+    );
+    assert_eq!(value(&agent.scrape(), "agent_storage_up", &LOCAL), 1.0);
+
+    // Keys written before the disk fills, which must survive it all.
+    let mut acked: Vec<(String, String)> = Vec::new();
+    for i in 0..200 {
+        let key = format!("before-{i}");
+        let v = recognisable(&key, 1000);
+        assert_eq!(peer.put(&key, &v)["ok"], true);
+        acked.push((key, v));
+    }
+
+    let mut failed_puts = 0u64;
+    let mut refused: Vec<(String, String)> = Vec::new();
+    let mut error_latency = Vec::new();
+    let mut recovery = Vec::new();
+    for (cycle, idle) in [(1, true), (2, false)] {
+        // Fill the filesystem, then put 4 KiB values until puts fail: the
+        // database file has room of its own left at first.
+        let filler = format!("filler-{cycle}");
+        let filled = fs.fill(&filler);
+        let mut n = 0;
+        let first_error = loop {
+            let key = format!("fill{cycle}-{n}");
+            let v = recognisable(&key, 4096);
+            let reply = peer.put(&key, &v);
+            n += 1;
+            if reply["ok"] == true {
+                acked.push((key, v));
+            } else {
+                failed_puts += 1;
+                refused.push((key, v));
+                break reply["error"].as_str().unwrap_or_default().to_string();
+            }
+            assert!(n < 5000, "puts never failed on a full disk");
+        };
+        assert!(
+            first_error.contains("No space left on device"),
+            "{first_error}"
+        );
+        // Said plainly, at once: /ready and the gauge.
+        let (_, body) = wait_ready_status(&agent, 503);
+        assert!(
+            body.contains("No space left on device")
+                && body.contains("retrying once 1 MiB is free"),
+            "{body:?}"
+        );
+        assert_eq!(body.lines().count(), 1, "{body:?}");
+        assert_eq!(value(&agent.scrape(), "agent_storage_up", &LOCAL), 0.0);
+        assert_eq!(agent.http_get("/health").status, 200);
+
+        // While full: puts fail fast, gets of everything acknowledged work.
+        for i in 0..50 {
+            let key = format!("while-full{cycle}-{i}");
+            let v = recognisable(&key, 100);
+            let start = Instant::now();
+            let reply = peer.put(&key, &v);
+            error_latency.push(start.elapsed());
+            assert_eq!(reply["ok"], false, "{reply}");
+            assert!(
+                reply["error"].as_str().is_some_and(
+                    |e| e.starts_with("storage unavailable: local database cannot write")
+                ),
+                "{reply}"
+            );
+            failed_puts += 1;
+            refused.push((key, v));
+        }
+        for (key, v) in &acked {
+            assert_eq!(peer.get(key)["value"], v.as_str(), "{key} while full");
+        }
+        println!(
+            "[full-disk] cycle {cycle}: filler {:.1} MiB, then {} puts of 4 KiB acknowledged before \
+             the first failure; {} acknowledged keys all readable while full",
+            filled as f64 / 1048576.0,
+            n - 1,
+            acked.len()
+        );
+
+        // Remove the filler, and time the recovery.
+        std::fs::remove_file(fs.path().join(&filler)).unwrap();
+        let took = if idle {
+            // No traffic: the watchdog's probe brings writes back.
+            let (took, _) = wait_ready_status(&agent, 200);
+            let key = format!("after{cycle}");
+            let v = recognisable(&key, 100);
+            assert_eq!(
+                peer.put(&key, &v)["ok"],
+                true,
+                "a put after /ready said 200"
+            );
+            acked.push((key, v));
+            took
+        } else {
+            // Traffic: a put is the first to find the room.
+            let key = format!("after{cycle}");
+            let v = recognisable(&key, 100);
+            let (took, failures) = put_until_ok(&mut peer, &key, &v);
+            failed_puts += failures;
+            acked.push((key, v));
+            assert_eq!(agent.http_get("/ready").status, 200);
+            took
+        };
+        assert_eq!(value(&agent.scrape(), "agent_storage_up", &LOCAL), 1.0);
+        println!(
+            "[full-disk] cycle {cycle}: writes succeed again {:.0} ms after the filler was removed ({})",
+            ms(took),
+            if idle { "idle agent, /ready 200" } else { "puts every 10 ms" }
+        );
+        recovery.push(took);
+    }
+
+    // Counted exactly, logged per transition, not per failed commit.
+    let text = agent.scrape();
+    let put_errors = value(
+        &text,
+        "storage_operation_errors_total",
+        &[("operation", "put"), ("backend", "local")],
+    );
+    assert_eq!(put_errors as u64, failed_puts, "{text}");
+    assert_eq!(
+        value(
+            &text,
+            "storage_operation_errors_total",
+            &[("operation", "get"), ("backend", "local")]
+        ),
+        0.0
+    );
+    assert_logged(&agent, "storage is not usable", 2);
+    assert_logged(&agent, "storage is usable again", 2);
+    // The two state changes, and the failed puts' warnings: at most one a
+    // second (docs/monitoring.md), never one per failed put.
+    let no_space = log_lines(&agent, "No space left on device");
+    assert!(
+        (2..=8).contains(&no_space),
+        "{no_space} lines name the full disk:\n{}",
+        agent.log()
+    );
+    assert_eq!(value(&text, "agent_storage_panics_total", &LOCAL), 0.0);
+
+    // Nothing acknowledged is lost, across a restart too; nothing refused
+    // appears with a wrong value.
+    for (key, v) in &acked {
+        assert_eq!(peer.get(key)["value"], v.as_str(), "{key}");
+    }
+    assert!(agent.terminate().success());
+    let agent = agent_on(&db);
+    let mut peer = agent.connect();
+    for (key, v) in &acked {
+        assert_eq!(peer.get(key)["value"], v.as_str(), "{key} after restart");
+    }
+    let mut refused_present = 0;
+    for (key, v) in &refused {
+        let got = peer.get(key);
+        if !got["value"].is_null() {
+            assert_eq!(got["value"], v.as_str(), "{key}");
+            refused_present += 1;
+        }
+    }
+    error_latency.sort();
+    println!(
+        "[full-disk] {} puts refused while full: error reply p50 {:.2} ms, max {:.2} ms; \
+         {} acknowledged keys intact after restart; {refused_present} of {} refused puts present",
+        failed_puts,
+        ms(percentile(&error_latency, 0.5)),
+        ms(*error_latency.last().unwrap()),
+        acked.len(),
+        refused.len()
+    );
+    assert_no_panic(&agent);
+}
+
+/// Starts an agent on `db` that must refuse to start: exit 1, one `agent:`
+/// line naming the file and `what`, never "agent ready", no panic.
+fn assert_refuses_to_start(db: &std::path::Path, what: &str) {
+    let mut agent = start(AgentOptions {
+        wait_ready: false,
+        ..AgentOptions::default().env("AGENT_STORAGE__LOCAL__PATH", db.display())
+    });
+    let status = agent.wait_exit();
+    let log = agent.log();
+    assert_eq!(status.code(), Some(1), "{what}:\n{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("agent: ")).collect();
+    assert_eq!(errors.len(), 1, "{what}: one error line:\n{log}");
+    assert!(
+        errors[0].contains(&db.display().to_string()) && errors[0].contains(what),
+        "{what}: {}",
+        errors[0]
+    );
+    assert!(!log.contains("agent ready"), "{what}:\n{log}");
+    assert_no_panic(&agent);
+    println!("[damaged] {}", errors[0]);
+}
+
+#[test]
+fn empty_or_foreign_database_file_refuses_to_start_and_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 0-byte file, as a crash or a careless `> agent.db` leaves it.
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    assert_refuses_to_start(&empty, "is empty");
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+
+    // Not a redb file at all.
+    let foreign = dir.path().join("foreign.db");
+    let text = "this is a text file, not a database\n".repeat(1000);
+    std::fs::write(&foreign, &text).unwrap();
+    assert_refuses_to_start(&foreign, "is not a redb database");
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), text);
+
+    // A path that does not exist is where a new database is created, and it
+    // keeps its data across a restart.
+    let fresh = dir.path().join("new/dir/agent.db");
+    let mut agent = agent_on(&fresh);
+    assert_eq!(agent.connect().put("k", "v")["ok"], true);
+    assert!(agent.terminate().success());
+    let entries: Vec<_> = std::fs::read_dir(fresh.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(entries, ["agent.db"], "no temporary file left");
+    let agent = agent_on(&fresh);
+    assert_eq!(agent.connect().get("k")["value"], "v");
+}
+
+/// Stops `agent` cleanly, then corrupts the page-type byte of every 4 KiB
+/// page of `db` that holds `key`: the b-tree leaf (and any stale copy),
+/// which redb then meets as an impossible page and panics on.
+fn corrupt_page_holding(db: &std::path::Path, key: &str) -> usize {
+    let mut bytes = std::fs::read(db).unwrap();
+    let mut pages = 0;
+    for page in bytes.chunks_mut(4096) {
+        if page.windows(key.len()).any(|w| w == key.as_bytes()) {
+            page[0] = 0xee;
+            pages += 1;
+        }
+    }
+    assert!(pages > 0, "{key} not found in {}", db.display());
+    std::fs::write(db, bytes).unwrap();
+    pages
+}
+
+/// Gets every key of `keys` (pipelined on one connection): (correct values,
+/// errors). Fails the test on any wrong value.
+fn get_all(agent: &Agent, keys: &[(String, String)]) -> (usize, Vec<String>) {
+    let requests: Vec<String> = keys
+        .iter()
+        .map(|(k, _)| serde_json::json!({"op": "get", "key": k}).to_string())
+        .collect();
+    let (mut ok, mut errors) = (0, Vec::new());
+    for (reply, (key, v)) in pipelined(agent.peer_addr, &requests).iter().zip(keys) {
+        let reply: serde_json::Value = serde_json::from_str(reply).unwrap();
+        if reply["ok"] == true {
+            assert_eq!(reply["value"], v.as_str(), "wrong value for {key}");
+            ok += 1;
+        } else {
+            errors.push(reply["error"].as_str().unwrap().to_string());
+        }
+    }
+    (ok, errors)
+}
+
+#[test]
+fn corrupted_page_panic_is_caught_counted_and_fails_the_store_plainly() {
+    const KEYS: usize = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("agent.db");
+    let keys: Vec<(String, String)> = (0..KEYS)
+        .map(|i| {
+            let key = format!("key-{i:05}");
+            let v = recognisable(&key, 60);
+            (key, v)
+        })
+        .collect();
+    let mut agent = agent_on(&db);
+    let puts: Vec<String> = keys
+        .iter()
+        .map(|(k, v)| serde_json::json!({"op": "put", "key": k, "value": v}).to_string())
+        .collect();
+    assert!(pipelined(agent.peer_addr, &puts)
+        .iter()
+        .all(|r| r == r#"{"ok":true}"#));
+    assert!(agent.terminate().success());
+    let pages = corrupt_page_holding(&db, "key-01000");
+    // Two copies: one to meet the damage through gets, one through a put.
+    let db2 = dir.path().join("agent2.db");
+    std::fs::copy(&db, &db2).unwrap();
+
+    for (copy, via) in [(&db, "get"), (&db2, "put")] {
+        let mut agent = agent_on(copy);
+        assert_eq!(agent.http_get("/ready").status, 200, "{via}");
+        let mut peer = agent.connect();
+        let first = if via == "get" {
+            // Every key in order: those before the damaged leaf are served...
+            let (ok, errors) = get_all(&agent, &keys);
+            assert!(
+                ok > 0 && !errors.is_empty(),
+                "{via}: {ok} ok, {} errors",
+                errors.len()
+            );
+            errors[0].clone()
+        } else {
+            peer.put("key-01000", "new")["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(
+            first, "storage failed: the storage thread serving this request panicked",
+            "{via}"
+        );
+        // ...and from then on the store says plainly that it failed.
+        let (_, body) = wait_ready_status(&agent, 503);
+        assert!(
+            body.contains("panicked") && body.contains("refused until restart"),
+            "{via}: {body:?}"
+        );
+        let text = agent.scrape();
+        let panics = value(&text, "agent_storage_panics_total", &LOCAL);
+        // One connection, one request at a time: exactly one panic, the
+        // store fails before its caller hears of it; one log line for it.
+        assert_eq!(panics, 1.0, "{via}: {text}");
+        assert_logged(&agent, "thread panicked", 1);
+        assert_eq!(value(&text, "agent_storage_up", &LOCAL), 0.0, "{via}");
+        assert_logged(&agent, "storage failed; restart the agent", 1);
+        // The panic's thread and place in redb are logged.
+        let panic_line = agent
+            .log()
+            .lines()
+            .find(|l| l.contains("thread panicked"))
+            .map(str::to_string)
+            .unwrap_or_default();
+        assert!(
+            panic_line.contains("thread=\"agent-db-")
+                && panic_line.contains("/redb-")
+                && panic_line.contains("/tree_store/"),
+            "{via}: {panic_line}"
+        );
+        // Refused, promptly, for every key: no zombie, no wrong value.
+        let (ok, errors) = get_all(&agent, &keys);
+        assert_eq!(ok, 0, "{via}");
+        assert!(errors
+            .iter()
+            .all(|e| e.starts_with("storage unavailable: a local database thread")));
+        let start = Instant::now();
+        let reply = peer.put("after", "x");
+        let put_refused = start.elapsed();
+        assert_eq!(reply["ok"], false, "{via}: {reply}");
+        assert_eq!(agent.http_get("/health").status, 200);
+        let text = agent.scrape();
+        assert_eq!(
+            value(&text, "agent_storage_panics_total", &LOCAL),
+            panics,
+            "{via}"
+        );
+        println!(
+            "[damaged] page-type byte of {pages} page(s) holding key-01000 overwritten; via {via}: \
+             {panics} panic(s) caught and counted, /ready 503 {body:?}, then {} gets and a put refused \
+             (put in {:.2} ms)",
+            errors.len(),
+            ms(put_refused)
+        );
+        let stopped = Instant::now();
+        assert!(
+            agent.terminate().success(),
+            "{via}: clean exit after the panic"
+        );
+        println!(
+            "[damaged] via {via}: SIGTERM exit 0 in {:.0} ms",
+            ms(stopped.elapsed())
+        );
+    }
+}
+
+#[test]
+fn database_file_deleted_or_replaced_under_the_agent_fails_puts_instead_of_losing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // Deleted while idle: the watchdog notices.
+    let db = dir.path().join("deleted.db");
+    let agent = agent_on(&db);
+    let mut peer = agent.connect();
+    for i in 0..100 {
+        assert_eq!(peer.put(&format!("k{i}"), "v")["ok"], true);
+    }
+    std::fs::remove_file(&db).unwrap();
+    let (noticed, body) = wait_ready_status(&agent, 503);
+    assert!(
+        body.contains("was deleted or replaced while open"),
+        "{body:?}"
+    );
+    assert_eq!(value(&agent.scrape(), "agent_storage_up", &LOCAL), 0.0);
+    let mut refused = 0;
+    for i in 0..100 {
+        let reply = peer.put(&format!("after{i}"), "v");
+        assert_eq!(reply["ok"], false, "{reply}");
+        refused += 1;
+    }
+    assert_eq!(peer.get("k1")["ok"], false, "reads refused too");
+    assert_logged(&agent, "storage failed; restart the agent", 1);
+    assert!(!db.exists(), "nothing recreated behind the operator's back");
+    drop(agent);
+    // A restart starts a new, empty database there, as for any missing file.
+    let agent = agent_on(&db);
+    let mut peer = agent.connect();
+    assert!(peer.get("k1")["value"].is_null() && peer.get("after1")["value"].is_null());
+    drop(agent);
+
+    // Replaced (a restore copied over it) and written to at once: the put
+    // that finds it is refused, and the replacement is untouched.
+    let db = dir.path().join("replaced.db");
+    let agent = agent_on(&db);
+    let mut peer = agent.connect();
+    for i in 0..100 {
+        assert_eq!(peer.put(&format!("k{i}"), "v")["ok"], true);
+    }
+    let copy = dir.path().join("copy.db");
+    std::fs::copy(&db, &copy).unwrap();
+    std::fs::rename(&copy, &db).unwrap();
+    let reply = peer.put("after-replace", "v");
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("was deleted or replaced while open")),
+        "{reply}"
+    );
+    assert_eq!(agent.http_get("/ready").status, 503);
+    drop(agent);
+    let agent = agent_on(&db);
+    let mut peer = agent.connect();
+    for i in 0..100 {
+        assert_eq!(peer.get(&format!("k{i}"))["value"], "v");
+    }
+    assert!(peer.get("after-replace")["value"].is_null());
+    println!(
+        "[deleted] file deleted under an idle agent: /ready 503 after {:.0} ms (watchdog every 250 ms), \
+         {refused} later puts refused, 0 acknowledged; replaced and written at once: the first put refused",
+        ms(noticed)
+    );
+    assert_no_panic(&agent);
+}
+
+#[test]
+fn ready_follows_redis_without_traffic() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let up = [("backend", "redis")];
+    let agent = redis_agent(&redis);
+    assert_eq!(agent.http_get("/ready").status, 200);
+    assert_eq!(value(&agent.scrape(), "agent_storage_up", &up), 1.0);
+
+    redis.stop();
+    let (noticed, body) = wait_ready_status(&agent, 503);
+    assert!(body.starts_with("Redis unreachable: "), "{body:?}");
+    assert_eq!(value(&agent.scrape(), "agent_storage_up", &up), 0.0);
+    assert_eq!(agent.http_get("/health").status, 200);
+    // An agent started meanwhile is not ready from the start.
+    let late = redis_agent(&redis);
+    assert_eq!(late.http_get("/ready").status, 503);
+    assert_eq!(value(&late.scrape(), "agent_storage_up", &up), 0.0);
+
+    redis.restart();
+    let (back, _) = wait_ready_status(&agent, 200);
+    wait_ready_status(&late, 200);
+    assert_eq!(value(&agent.scrape(), "agent_storage_up", &up), 1.0);
+    assert_eq!(value(&late.scrape(), "agent_storage_up", &up), 1.0);
+    assert_logged(&agent, "storage is not usable", 1);
+    assert_logged(&agent, "storage is usable again", 1);
+    println!(
+        "[ready] Redis killed: /ready 503 after {:.0} ms; restarted: /ready 200 after {:.0} ms \
+         (no peer traffic; PING every 1 s)",
+        ms(noticed),
+        ms(back)
+    );
     assert_no_panic(&agent);
 }

@@ -1,31 +1,44 @@
-//! Key-value storage behind one async trait, with two backends and one
+//! Key-value storage behind one async trait, with three backends and one
 //! instrumentation wrapper.
 //!
 //! The agent holds an `Instrumented<AnyBackend>`: the wrapper records the
 //! storage metrics for whatever backend it wraps, so a new backend is
-//! measured the same way without a line of metrics code of its own.
+//! measured the same way without a line of metrics code of its own. Each
+//! backend keeps a [`Health`]: whether it can serve right now, which
+//! `/ready` and `agent_storage_up` report.
 
+mod health;
 mod instrumented;
 mod local;
 mod redis;
+mod redis_cluster;
 
 use std::future::Future;
 
+pub use self::health::{Health, HealthObserver};
 pub use self::instrumented::Instrumented;
 pub use self::local::LocalStore;
 pub use self::redis::RedisStore;
+pub use self::redis_cluster::RedisClusterStore;
 
-use crate::config::{BackendKind, StorageConfig};
+use crate::config::{BackendKind, Resolved, StorageConfig};
 
 /// Why a storage operation failed. The text is sent to the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The backend did not answer in time (Redis).
     #[error("storage timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// The backend cannot serve now: unreachable, reopening, failed or closed.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The backend answered with an error.
     #[error("storage failed: {0}")]
     Backend(String),
+    /// The store could not be opened at startup; the text names the file or
+    /// URL and the cause, and is the whole line the operator sees.
+    #[error("{0}")]
+    Open(String),
 }
 
 /// An async key-value store. Keys are 1 to 1024 bytes of UTF-8 (the protocol
@@ -33,6 +46,8 @@ pub enum StorageError {
 pub trait Storage: Send + Sync + 'static {
     /// The `backend` metric label.
     fn backend(&self) -> BackendKind;
+    /// Whether the store can serve right now.
+    fn health(&self) -> &Health;
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<String>, StorageError>> + Send;
     fn put(&self, key: &str, value: &str) -> impl Future<Output = Result<(), StorageError>> + Send;
     /// Returns whether the key existed.
@@ -46,15 +61,23 @@ pub trait Storage: Send + Sync + 'static {
 pub enum AnyBackend {
     Local(LocalStore),
     Redis(RedisStore),
+    RedisCluster(RedisClusterStore),
 }
 
 impl AnyBackend {
     /// Opens the configured backend. A local database that cannot be opened
-    /// is fatal; an unreachable Redis is not (it is retried per operation).
-    pub async fn open(cfg: &StorageConfig) -> Result<Self, StorageError> {
+    /// (or an empty or foreign file in its place) is fatal; an unreachable
+    /// Redis or Redis Cluster is not (it is retried per operation). The
+    /// Redis URLs come from `resolved`, with their passwords applied.
+    pub async fn open(cfg: &StorageConfig, resolved: &Resolved) -> Result<Self, StorageError> {
         match cfg.backend {
             BackendKind::Local => Ok(AnyBackend::Local(LocalStore::open(&cfg.local.path).await?)),
-            BackendKind::Redis => Ok(AnyBackend::Redis(RedisStore::open(&cfg.redis).await?)),
+            BackendKind::Redis => Ok(AnyBackend::Redis(
+                RedisStore::open(&cfg.redis, &resolved.redis_url).await?,
+            )),
+            BackendKind::RedisCluster => Ok(AnyBackend::RedisCluster(
+                RedisClusterStore::open(&cfg.redis_cluster, &resolved.redis_cluster_nodes).await?,
+            )),
         }
     }
 }
@@ -64,6 +87,15 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.backend(),
             AnyBackend::Redis(s) => s.backend(),
+            AnyBackend::RedisCluster(s) => s.backend(),
+        }
+    }
+
+    fn health(&self) -> &Health {
+        match self {
+            AnyBackend::RedisCluster(s) => s.health(),
+            AnyBackend::Local(s) => s.health(),
+            AnyBackend::Redis(s) => s.health(),
         }
     }
 
@@ -71,6 +103,7 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.get(key).await,
             AnyBackend::Redis(s) => s.get(key).await,
+            AnyBackend::RedisCluster(s) => s.get(key).await,
         }
     }
 
@@ -78,6 +111,7 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.put(key, value).await,
             AnyBackend::Redis(s) => s.put(key, value).await,
+            AnyBackend::RedisCluster(s) => s.put(key, value).await,
         }
     }
 
@@ -85,6 +119,7 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.delete(key).await,
             AnyBackend::Redis(s) => s.delete(key).await,
+            AnyBackend::RedisCluster(s) => s.delete(key).await,
         }
     }
 
@@ -92,6 +127,7 @@ impl Storage for AnyBackend {
         match self {
             AnyBackend::Local(s) => s.close().await,
             AnyBackend::Redis(s) => s.close().await,
+            AnyBackend::RedisCluster(s) => s.close().await,
         }
     }
 }

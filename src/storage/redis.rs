@@ -4,25 +4,42 @@
 //! still starts; it connects on first use and reconnects after an outage.
 //! Every command is bounded by `storage.redis.timeout`, so an outage turns
 //! into prompt error replies instead of stuck peers.
+//!
+//! Health: an operation that cannot reach Redis marks the store down at
+//! once; a PING every [`PROBE_INTERVAL`] marks it down or up, so readiness
+//! follows Redis on an idle agent too, and comes back only once Redis
+//! answers (a flapping connection does not flap readiness per request).
 
 use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Storage, StorageError};
-use crate::config::{BackendKind, RedisConfig};
+use super::{Health, Storage, StorageError};
+use crate::config::{BackendKind, RedisConfig, SecretUrl};
 
+/// How often Redis is pinged for the store's health.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Handle to Redis; cheap to share.
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// `storage.redis.key_prefix`, prepended to every key.
     prefix: String,
+    /// `storage.redis.timeout`, the bound on every command.
     timeout: Duration,
+    /// Down on a connection error or a failed PING, up on an answered PING.
+    health: Health,
+    /// Stops the health probe when the store is closed or dropped.
+    probe: std::sync::Mutex<Option<DropGuard>>,
 }
 
 impl RedisStore {
     /// Builds the store without needing Redis to be up; only a malformed URL fails.
-    pub async fn open(cfg: &RedisConfig) -> Result<Self, StorageError> {
-        let client = redis::Client::open(cfg.url.as_str())
+    /// `url` is `storage.redis.url` with the password file applied.
+    pub async fn open(cfg: &RedisConfig, url: &SecretUrl) -> Result<Self, StorageError> {
+        let client = redis::Client::open(url.expose())
             .map_err(|e| StorageError::Unavailable(format!("bad Redis URL: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
@@ -33,28 +50,43 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let store = Self {
+        // Pinged outside `Self::bounded`, which would log the outage as a
+        // transition: the warning below says it once, at the right level.
+        let mut first = conn.clone();
+        let health = match bounded(cfg.timeout, async move {
+            redis::cmd("PING").query_async::<String>(&mut first).await
+        })
+        .await
+        {
+            Ok(_) => {
+                tracing::info!(%url, "connected to Redis");
+                Health::new(BackendKind::Redis)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    %url,
+                    error = %e,
+                    "Redis is unreachable; starting anyway, operations fail until it is back"
+                );
+                Health::starting_down(BackendKind::Redis, &unreachable(&e))
+            }
+        };
+        let mut store = Self {
             conn,
             prefix: cfg.key_prefix.clone(),
             timeout: cfg.timeout,
+            health,
+            probe: std::sync::Mutex::new(None),
         };
-        match store.ping().await {
-            Ok(()) => tracing::info!(url = %redacted(&cfg.url), "connected to Redis"),
-            Err(e) => tracing::warn!(
-                url = %redacted(&cfg.url),
-                error = %e,
-                "Redis is unreachable; starting anyway, operations fail until it is back"
-            ),
-        }
+        let cancel = CancellationToken::new();
+        tokio::spawn(probe(
+            store.conn.clone(),
+            store.timeout,
+            store.health.clone(),
+            cancel.clone(),
+        ));
+        store.probe = std::sync::Mutex::new(Some(cancel.drop_guard()));
         Ok(store)
-    }
-
-    /// Round-trips a PING, bounded by the timeout.
-    pub async fn ping(&self) -> Result<(), StorageError> {
-        let mut conn = self.conn.clone();
-        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
-            .await
-            .map(|_| ())
     }
 
     fn key(&self, key: &str) -> String {
@@ -68,33 +100,105 @@ impl RedisStore {
         &self,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StorageError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(StorageError::Timeout(self.timeout)),
-            Ok(Err(e)) if e.is_timeout() => Err(StorageError::Timeout(self.timeout)),
-            Ok(Err(e))
-                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() =>
-            {
-                Err(StorageError::Unavailable(e.to_string()))
-            }
-            Ok(Err(e)) => Err(StorageError::Backend(e.to_string())),
-            Ok(Ok(v)) => Ok(v),
+        let result = bounded(self.timeout, fut).await;
+        if let Err(e @ (StorageError::Timeout(_) | StorageError::Unavailable(_))) = &result {
+            self.health.set_down(&unreachable(e));
+        }
+        result
+    }
+}
+
+/// Runs one Redis call within `timeout`, turning its failure into the
+/// [`StorageError`] the peer is told. Shared by the Redis backends so that
+/// they fail alike.
+pub(super) async fn bounded<T>(
+    timeout: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StorageError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => Err(StorageError::Timeout(timeout)),
+        Ok(Err(e)) => Err(classify(timeout, e)),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+/// The readiness reason for a failed PING or operation.
+fn unreachable(e: &StorageError) -> String {
+    match e {
+        StorageError::Timeout(t) => format!("Redis did not answer within {t:?}"),
+        StorageError::Unavailable(e) => format!("Redis unreachable: {e}"),
+        StorageError::Backend(e) | StorageError::Open(e) => format!("Redis error: {e}"),
+    }
+}
+
+/// Pings Redis every [`PROBE_INTERVAL`] until cancelled: the store is up
+/// exactly when the last PING was answered (or an operation failed since).
+async fn probe(
+    conn: ConnectionManager,
+    timeout: Duration,
+    health: Health,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut conn = conn.clone();
+        let ping = bounded(timeout, async move {
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        });
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = ping => result,
+        };
+        match result {
+            Ok(_) => health.set_up(),
+            Err(e) => health.set_down(&unreachable(&e)),
         }
     }
 }
 
-/// The URL without its password, for logs.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_string(),
+/// A Redis error as a [`StorageError`]: its own timeout; a connection that
+/// failed, or a cluster with no node reached or no master serving the key
+/// (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, or a redirect the cluster
+/// client could not follow during a failover: a single server never gives
+/// these), as unavailable; anything else Redis answered as a failure.
+fn classify(timeout: Duration, e: redis::RedisError) -> StorageError {
+    use redis::{ErrorKind, ServerErrorKind};
+    let cluster_down = matches!(
+        e.kind(),
+        ErrorKind::ClusterConnectionNotFound
+            | ErrorKind::Server(
+                ServerErrorKind::ClusterDown
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
+            )
+    );
+    if e.is_timeout() {
+        StorageError::Timeout(timeout)
+    } else if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || cluster_down
+    {
+        StorageError::Unavailable(e.to_string())
+    } else {
+        StorageError::Backend(e.to_string())
     }
 }
 
 impl Storage for RedisStore {
     fn backend(&self) -> BackendKind {
         BackendKind::Redis
+    }
+
+    fn health(&self) -> &Health {
+        &self.health
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {
@@ -137,22 +241,8 @@ impl Storage for RedisStore {
 
     async fn close(&self) {
         // Nothing buffered: every acknowledged write was already answered by Redis.
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redacted;
-
-    #[test]
-    fn redacts_password() {
-        assert_eq!(
-            redacted("redis://:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(
-            redacted("redis://127.0.0.1:6379/0"),
-            "redis://127.0.0.1:6379/0"
-        );
+        if let Ok(mut probe) = self.probe.lock() {
+            probe.take();
+        }
     }
 }

@@ -1,20 +1,23 @@
 //! Every metric the agent exposes, defined once: name, type, unit, help,
 //! labels and buckets. `docs/metrics.md` is checked against this list by a
-//! test, the exporter's buckets come from it, and the cached handle structs
-//! below are the only places that create metric handles.
+//! test, and the exporter's buckets come from it. Pure data: it imports
+//! nothing of the agent; the handles that record into these metrics are in
+//! [`super::handles`].
 //!
 //! The names, types and labels are a contract with operators' dashboards
 //! and alerts: never rename them.
 
-use metrics::{Counter, Gauge, KeyName, SharedString, Unit};
-
-use super::clock::DurationHistogram;
-use crate::protocol::FailReason;
+use metrics::{KeyName, SharedString, Unit};
 
 pub const PROCESS_CPU_USAGE: &str = "process_cpu_usage";
 pub const PROCESS_MEMORY_BYTES: &str = "process_memory_bytes";
 pub const AGENT_PEERS_CONNECTED: &str = "agent_peers_connected";
 pub const AGENT_CONNECTIONS_REJECTED_TOTAL: &str = "agent_connections_rejected_total";
+pub const AGENT_PEERS_CONFIGURED: &str = "agent_peers_configured";
+pub const AGENT_PEER_CONNECTIONS_DENIED_TOTAL: &str = "agent_peer_connections_denied_total";
+pub const AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL: &str = "agent_http_requests_unauthorized_total";
+pub const AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL: &str = "agent_http_tls_handshake_failures_total";
+pub const AGENT_METRICS_SCRAPES_TOTAL: &str = "agent_metrics_scrapes_total";
 pub const AGENT_CONNECTIONS_EVICTED_TOTAL: &str = "agent_connections_evicted_total";
 pub const AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL: &str = "agent_connections_idle_closed_total";
 pub const MESSAGES_RECEIVED_TOTAL: &str = "messages_received_total";
@@ -23,6 +26,8 @@ pub const MESSAGE_PROCESSING_DURATION_SECONDS: &str = "message_processing_durati
 pub const STORAGE_OPERATIONS_TOTAL: &str = "storage_operations_total";
 pub const STORAGE_OPERATION_ERRORS_TOTAL: &str = "storage_operation_errors_total";
 pub const STORAGE_OPERATION_DURATION_SECONDS: &str = "storage_operation_duration_seconds";
+pub const AGENT_STORAGE_UP: &str = "agent_storage_up";
+pub const AGENT_STORAGE_PANICS_TOTAL: &str = "agent_storage_panics_total";
 pub const AGENT_BUILD_INFO: &str = "agent_build_info";
 
 /// Upper bounds in seconds, from a local read (tens of microseconds) to a
@@ -133,11 +138,46 @@ pub const METRICS: &[MetricDef] = &[
         &[],
     ),
     agent(
+        AGENT_PEERS_CONFIGURED,
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Outbound peers in network.peers: where AgentNoPeers expects connections.",
+        &[],
+    ),
+    agent(
         AGENT_CONNECTIONS_REJECTED_TOTAL,
         Kind::Counter,
         Some(Unit::Count),
         "Inbound peer connections closed at once because network.max_connections was reached.",
         &[],
+    ),
+    agent(
+        AGENT_PEER_CONNECTIONS_DENIED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Inbound peer connections closed before any request was read: outside network.allowed_networks, or a failed TLS handshake, by reason.",
+        &["reason"],
+    ),
+    agent(
+        AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Requests to the metrics endpoint answered 401: a missing, unknown or wrong basic-auth credential.",
+        &[],
+    ),
+    agent(
+        AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Connections to the metrics endpoint closed because the TLS handshake failed or timed out.",
+        &[],
+    ),
+    agent(
+        AGENT_METRICS_SCRAPES_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Requests to metrics.path, by HTTP status code; a served scrape counts itself.",
+        &["code"],
     ),
     agent(
         AGENT_CONNECTIONS_EVICTED_TOTAL,
@@ -196,6 +236,20 @@ pub const METRICS: &[MetricDef] = &[
         &["operation", "backend"],
     ),
     agent(
+        AGENT_STORAGE_UP,
+        Kind::Gauge,
+        None,
+        "1 when the storage backend can serve requests, 0 when it cannot; /ready says why.",
+        &["backend"],
+    ),
+    agent(
+        AGENT_STORAGE_PANICS_TOTAL,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Panics caught in storage threads; the local store refuses service after one.",
+        &["backend"],
+    ),
+    agent(
         AGENT_BUILD_INFO,
         Kind::Gauge,
         None,
@@ -252,6 +306,15 @@ pub const METRICS: &[MetricDef] = &[
     ),
 ];
 
+/// The definition of `name`; panics on a name not in [`METRICS`] (a
+/// programming error the catalog tests would catch first).
+pub fn def(name: &str) -> &'static MetricDef {
+    METRICS
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("{name} is not in the metric catalog"))
+}
+
 /// Registers HELP text (and units) for the agent's own metrics with the
 /// installed recorder, so every metric renders with HELP and TYPE lines.
 pub fn describe_all() {
@@ -266,93 +329,6 @@ pub fn describe_all() {
             }
         }
     });
-}
-
-/// Handles for the message path, created once so that recording is an
-/// atomic operation rather than a registry lookup per message.
-#[derive(Clone)]
-pub struct MessageMetrics {
-    pub received: Counter,
-    pub duration: DurationHistogram,
-    failed: [Counter; FailReason::ALL.len()],
-}
-
-impl MessageMetrics {
-    /// Binds to the recorder installed now (global or thread-local).
-    pub fn new() -> Self {
-        Self {
-            received: metrics::counter!(MESSAGES_RECEIVED_TOTAL),
-            duration: DurationHistogram::new(metrics::histogram!(
-                MESSAGE_PROCESSING_DURATION_SECONDS
-            )),
-            failed: FailReason::ALL
-                .map(|r| metrics::counter!(MESSAGES_FAILED_TOTAL, "reason" => r.as_str())),
-        }
-    }
-
-    pub fn failed(&self, reason: FailReason) -> &Counter {
-        &self.failed[reason as usize]
-    }
-}
-
-impl Default for MessageMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Handles for one storage operation on one backend.
-#[derive(Clone)]
-pub struct StorageOpMetrics {
-    pub operations: Counter,
-    pub errors: Counter,
-    pub duration: DurationHistogram,
-}
-
-impl StorageOpMetrics {
-    pub fn new(operation: &'static str, backend: &'static str) -> Self {
-        let labels = [("operation", operation), ("backend", backend)];
-        Self {
-            operations: metrics::counter!(STORAGE_OPERATIONS_TOTAL, &labels),
-            errors: metrics::counter!(STORAGE_OPERATION_ERRORS_TOTAL, &labels),
-            duration: DurationHistogram::new(metrics::histogram!(
-                STORAGE_OPERATION_DURATION_SECONDS,
-                &labels
-            )),
-        }
-    }
-}
-
-/// `agent_peers_connected` plus the counters of inbound connections the
-/// agent closed on its own: rejected, evicted, idle.
-#[derive(Clone)]
-pub struct PeerMetrics {
-    pub connected: Gauge,
-    pub rejected: Counter,
-    pub evicted: Counter,
-    pub idle_closed: Counter,
-}
-
-impl PeerMetrics {
-    pub fn new() -> Self {
-        Self {
-            connected: metrics::gauge!(AGENT_PEERS_CONNECTED),
-            rejected: metrics::counter!(AGENT_CONNECTIONS_REJECTED_TOTAL),
-            evicted: metrics::counter!(AGENT_CONNECTIONS_EVICTED_TOTAL),
-            idle_closed: metrics::counter!(AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL),
-        }
-    }
-}
-
-impl Default for PeerMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Sets `agent_build_info{version}` to 1.
-pub fn record_build_info() {
-    metrics::gauge!(AGENT_BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 #[cfg(test)]

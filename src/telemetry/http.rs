@@ -4,10 +4,16 @@
 //! connection cap, so a few thousand half-open connections would hold the
 //! agent's file descriptors until peers could no longer connect, and it
 //! answers every path. This server serves the agent's exposition with
-//! those limits, `metrics.path` for metrics, `/health`, and 404 elsewhere.
+//! those limits, `metrics.path` for metrics, `/health` (liveness), `/ready`
+//! (readiness: whether storage is usable), and 404 elsewhere.
 //! When the connection cap is reached the oldest connection that has not
 //! completed a request is evicted, so idle connections cannot lock out a
 //! scraper; idle and incomplete connections close after the header-read timeout.
+//!
+//! With `metrics.web_config_file` it serves HTTPS (rustls) and requires
+//! basic authentication, as node_exporter does with the same file. The
+//! rules cover every path, `/health` included: whoever may not scrape
+//! learns nothing from this port, not even that the agent is up.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -19,17 +25,29 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{
+    HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, VARY, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
-use tokio::net::TcpListener;
-
-use super::Exposition;
-use crate::server::accept;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-pub const HEALTH_PATH: &str = "/health";
+use super::auth::BasicAuth;
+use super::{Exposition, HttpMetrics};
+use crate::config::{HEALTH_PATH, READY_PATH};
+use crate::net::{accept, allowed};
+
+/// 200 when storage is usable, 503 with the reason when it is not.
+/// An allow-list the configuration reload can replace while serving.
+pub type SharedNetworks = Arc<std::sync::RwLock<Vec<IpNet>>>;
+
+/// Answers `/ready`: `Ok` when the agent can serve, else a one-line reason.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Prometheus text exposition format 0.0.4; Prometheus 3 rejects a scrape
 /// without a valid Content-Type.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -45,18 +63,58 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 pub struct Endpoint {
     pub exposition: Exposition,
     pub path: String,
-    pub allowed_networks: Vec<IpNet>,
+    /// `metrics.allowed_networks`; replaced on a configuration reload.
+    pub allowed_networks: SharedNetworks,
     pub max_connections: usize,
+    /// HTTPS, from the web config file; None serves plain HTTP.
+    pub tls: Option<TlsAcceptor>,
+    /// Basic authentication, from the web config file; None admits all.
+    pub auth: Option<BasicAuth>,
+    /// 401s and failed handshakes.
+    pub metrics: HttpMetrics,
+    /// What `/ready` reports.
+    pub ready: ReadyCheck,
 }
 
 impl Endpoint {
     fn allows(&self, ip: IpAddr) -> bool {
-        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.allowed_networks.is_empty() || self.allowed_networks.iter().any(|n| n.contains(&ip))
+        let networks = self
+            .allowed_networks
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        allowed(&networks, ip)
+    }
+
+    /// Answers one request, and counts it when it is for `metrics.path`.
+    async fn answer(&self, req: &Request<Incoming>, allowed: bool) -> Response<Full<Bytes>> {
+        let resp = self.authorize_and_route(req, allowed).await;
+        // A served scrape was counted before rendering, so it counts itself.
+        if req.uri().path() == self.path && resp.status() != StatusCode::OK {
+            self.metrics.scraped(resp.status().as_u16());
+        }
+        resp
+    }
+
+    /// Allow-list, then credentials, then the route.
+    async fn authorize_and_route(
+        &self,
+        req: &Request<Incoming>,
+        allowed: bool,
+    ) -> Response<Full<Bytes>> {
+        if allowed {
+            if let Some(auth) = &self.auth {
+                if !auth.check(req.headers()).await {
+                    self.metrics.unauthorized.increment(1);
+                    let mut resp = plain(StatusCode::UNAUTHORIZED, "Unauthorized\n");
+                    resp.headers_mut().insert(
+                        WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Basic realm=\"agent\""),
+                    );
+                    return resp;
+                }
+            }
+        }
+        self.respond(req, allowed)
     }
 
     fn respond(&self, req: &Request<Incoming>, allowed: bool) -> Response<Full<Bytes>> {
@@ -64,19 +122,77 @@ impl Endpoint {
             return plain(StatusCode::FORBIDDEN, "Forbidden\n");
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
+            let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return resp;
         }
         match req.uri().path() {
             p if p == self.path => {
-                let mut resp = Response::new(Full::new(Bytes::from(self.exposition.render())));
-                resp.headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_CONTENT_TYPE));
+                self.metrics.scraped(200);
+                let page = self.exposition.render();
+                let compressed = if accepts_gzip(req) {
+                    gzipped(page.as_bytes())
+                } else {
+                    None
+                };
+                let mut resp = match compressed {
+                    Some(compressed) => {
+                        let mut resp = Response::new(Full::new(Bytes::from(compressed)));
+                        resp.headers_mut()
+                            .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                        resp
+                    }
+                    None => Response::new(Full::new(Bytes::from(page))),
+                };
+                let headers = resp.headers_mut();
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_CONTENT_TYPE));
+                headers.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
                 resp
             }
             HEALTH_PATH => plain(StatusCode::OK, "OK\n"),
+            READY_PATH => match (self.ready)() {
+                Ok(()) => plain(StatusCode::OK, "OK\n"),
+                Err(reason) => {
+                    let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, "");
+                    *resp.body_mut() = Full::new(Bytes::from(format!("{reason}\n")));
+                    resp
+                }
+            },
             _ => plain(StatusCode::NOT_FOUND, "Not Found\n"),
         }
     }
+}
+
+/// Whether the client takes a gzip body (`Accept-Encoding: gzip`, or `*`,
+/// with a q-value above 0), as Prometheus sends by default.
+fn accepts_gzip(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && q > 0.0
+        })
+}
+
+/// The page gzipped at the default level, as client_golang serves it; None
+/// (send it plain) if compression fails, which in memory it does not.
+fn gzipped(page: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(page.len() / 4),
+        flate2::Compression::default(),
+    );
+    encoder.write_all(page).ok()?;
+    encoder.finish().ok()
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -160,25 +276,62 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: Cancellati
         let guard = slots.admit();
         let endpoint = Arc::clone(&endpoint);
         tokio::spawn(async move {
-            serve_connection(stream, remote, &endpoint, &guard.slot).await;
+            match &endpoint.tls {
+                None => serve_connection(stream, remote, &endpoint, &guard.slot).await,
+                Some(acceptor) => {
+                    if let Some(tls) = handshake(acceptor, stream, &endpoint, &guard.slot).await {
+                        serve_connection(tls, remote, &endpoint, &guard.slot).await;
+                    }
+                }
+            }
             drop(guard);
         });
     }
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+/// The server side of the TLS handshake, within the header-read timeout
+/// (a stalled handshake is an incomplete request like any other) and
+/// giving way to eviction. A failure is counted.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    endpoint: &Endpoint,
+    slot: &Slot,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let result = tokio::select! {
+        r = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)) => r,
+        _ = slot.evict.cancelled() => return None,
+    };
+    match result {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            endpoint.metrics.tls_handshake_failures.increment(1);
+            tracing::debug!(error = %e, "metrics endpoint: TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            endpoint.metrics.tls_handshake_failures.increment(1);
+            tracing::debug!("metrics endpoint: TLS handshake timed out");
+            None
+        }
+    }
+}
+
+async fn serve_connection<IO>(
+    stream: IO,
     remote: SocketAddr,
     endpoint: &Arc<Endpoint>,
     slot: &Arc<Slot>,
-) {
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let allowed = endpoint.allows(remote.ip());
     let ep = Arc::clone(endpoint);
     let served = Arc::clone(slot);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         served.served.store(true, Ordering::Relaxed);
-        let resp = ep.respond(&req, allowed);
-        async move { Ok::<_, Infallible>(resp) }
+        let ep = Arc::clone(&ep);
+        async move { Ok::<_, Infallible>(ep.answer(&req, allowed).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

@@ -6,13 +6,16 @@
 //! startup: our [`ShardedRecorder`] for Prometheus, `metrics-exporter-dogstatsd`
 //! for DogStatsD, or the no-op recorder.
 
+mod auth;
 pub mod clock;
 pub mod defs;
+pub mod handles;
 pub mod http;
 pub mod process;
 pub mod recorder;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ExporterKind, MetricsConfig, Resolved};
 
 pub use clock::{DurationHistogram, Start};
-pub use defs::{MessageMetrics, PeerMetrics, StorageOpMetrics, METRICS};
+pub use defs::METRICS;
+pub use handles::{
+    DenyReason, HttpMetrics, MessageMetrics, PeerMetrics, StorageHealthMetrics, StorageOpMetrics,
+};
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
 
@@ -97,24 +103,32 @@ pub async fn install(
         }
     };
     defs::describe_all();
-    defs::record_build_info();
+    handles::record_build_info();
     Ok(installed)
 }
 
 /// Starts the background work of an installed exporter: the HTTP endpoint
-/// for Prometheus (process metrics are read at each scrape), the process
-/// sampler for DogStatsD.
+/// for Prometheus (process metrics are read at each scrape; `ready` answers
+/// `/ready`), the process sampler for DogStatsD.
 pub fn spawn(
     installed: Installed,
     cfg: &MetricsConfig,
     resolved: &Resolved,
     cancel: &CancellationToken,
+    ready: http::ReadyCheck,
+    allowed_networks: http::SharedNetworks,
 ) {
     match installed {
         Installed::Disabled => {}
         Installed::Prometheus { recorder, listener } => {
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, path = %cfg.path, "metrics endpoint listening");
+                tracing::info!(
+                    %addr,
+                    path = %cfg.path,
+                    tls = resolved.web.tls.is_some(),
+                    basic_auth = !resolved.web.users.is_empty(),
+                    "metrics endpoint listening"
+                );
             }
             let endpoint = http::Endpoint {
                 exposition: Exposition {
@@ -122,9 +136,23 @@ pub fn spawn(
                     process: ProcessCollector::new(cfg.process_interval),
                 },
                 path: cfg.path.clone(),
-                allowed_networks: resolved.allowed_networks.clone(),
+                allowed_networks,
                 max_connections: cfg.max_connections,
+                tls: resolved
+                    .web
+                    .tls
+                    .as_ref()
+                    .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.server))),
+                auth: auth::BasicAuth::new(resolved.web.users.clone()),
+                metrics: HttpMetrics::new(),
+                ready,
             };
+            if !resolved.web.users.is_empty() && resolved.web.tls.is_none() {
+                tracing::warn!(
+                    "metrics.web_config_file sets basic_auth_users without tls_server_config: \
+                     passwords cross the network in clear"
+                );
+            }
             tokio::spawn(http::serve(listener, endpoint, cancel.clone()));
         }
         Installed::Dogstatsd => {

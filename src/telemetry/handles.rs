@@ -1,0 +1,211 @@
+//! The cached metric handles each component records through, created once
+//! so that recording is an atomic operation rather than a registry lookup.
+//! Names and labels come from the catalog ([`super::defs`]); the label
+//! values that belong to a component (a failure reason, a deny reason) are
+//! its own.
+
+use metrics::{Counter, Gauge};
+
+use super::clock::DurationHistogram;
+use super::defs::*;
+use crate::protocol::FailReason;
+
+/// The one label of a single-label metric, as the catalog names it.
+fn label(name: &str) -> &'static str {
+    def(name).labels[0]
+}
+
+/// Handles for the message path, created once so that recording is an
+/// atomic operation rather than a registry lookup per message.
+#[derive(Clone)]
+pub struct MessageMetrics {
+    pub received: Counter,
+    pub duration: DurationHistogram,
+    failed: [Counter; FailReason::ALL.len()],
+}
+
+impl MessageMetrics {
+    /// Binds to the recorder installed now (global or thread-local).
+    pub fn new() -> Self {
+        Self {
+            received: metrics::counter!(MESSAGES_RECEIVED_TOTAL),
+            duration: DurationHistogram::new(metrics::histogram!(
+                MESSAGE_PROCESSING_DURATION_SECONDS
+            )),
+            failed: FailReason::ALL
+                .map(|r| metrics::counter!(MESSAGES_FAILED_TOTAL, label(MESSAGES_FAILED_TOTAL) => r.as_str())),
+        }
+    }
+
+    pub fn failed(&self, reason: FailReason) -> &Counter {
+        &self.failed[reason as usize]
+    }
+}
+
+impl Default for MessageMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Handles for one storage operation on one backend.
+#[derive(Clone)]
+pub struct StorageOpMetrics {
+    pub operations: Counter,
+    pub errors: Counter,
+    pub duration: DurationHistogram,
+}
+
+impl StorageOpMetrics {
+    pub fn new(operation: &'static str, backend: &'static str) -> Self {
+        // The label names as the catalog defines them, in its order.
+        let names = def(STORAGE_OPERATIONS_TOTAL).labels;
+        let labels = [(names[0], operation), (names[1], backend)];
+        Self {
+            operations: metrics::counter!(STORAGE_OPERATIONS_TOTAL, &labels),
+            errors: metrics::counter!(STORAGE_OPERATION_ERRORS_TOTAL, &labels),
+            duration: DurationHistogram::new(metrics::histogram!(
+                STORAGE_OPERATION_DURATION_SECONDS,
+                &labels
+            )),
+        }
+    }
+}
+
+/// Why an inbound peer connection was closed before a request was read:
+/// the `reason` label of `agent_peer_connections_denied_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// The address is outside `network.allowed_networks`.
+    NotAllowed,
+    /// TLS is on and the client presented no certificate.
+    TlsNoCertificate,
+    /// The client's certificate does not chain to `network.tls.ca_file`
+    /// (another CA, expired, or not valid for client authentication).
+    TlsBadCertificate,
+    /// The handshake did not finish within `network.tls.handshake_timeout`.
+    TlsTimeout,
+    /// Any other handshake failure: not TLS at all, no common protocol
+    /// version or cipher, or the client gave up.
+    TlsError,
+}
+
+impl DenyReason {
+    /// Every reason, in label order.
+    pub const ALL: [DenyReason; 5] = [
+        DenyReason::NotAllowed,
+        DenyReason::TlsNoCertificate,
+        DenyReason::TlsBadCertificate,
+        DenyReason::TlsTimeout,
+        DenyReason::TlsError,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::NotAllowed => "not_allowed",
+            DenyReason::TlsNoCertificate => "tls_no_certificate",
+            DenyReason::TlsBadCertificate => "tls_bad_certificate",
+            DenyReason::TlsTimeout => "tls_timeout",
+            DenyReason::TlsError => "tls_error",
+        }
+    }
+}
+
+/// Handles for one backend's health: `agent_storage_up` and
+/// `agent_storage_panics_total`.
+#[derive(Clone)]
+pub struct StorageHealthMetrics {
+    pub up: Gauge,
+    pub panics: Counter,
+}
+
+impl StorageHealthMetrics {
+    pub fn new(backend: &'static str) -> Self {
+        Self {
+            up: metrics::gauge!(AGENT_STORAGE_UP, label(AGENT_STORAGE_UP) => backend),
+            panics: metrics::counter!(AGENT_STORAGE_PANICS_TOTAL, label(AGENT_STORAGE_PANICS_TOTAL) => backend),
+        }
+    }
+}
+
+/// `agent_peers_connected` and `agent_peers_configured`, plus the counters of
+/// inbound connections the agent closed on its own: rejected, denied,
+/// evicted, idle.
+#[derive(Clone)]
+pub struct PeerMetrics {
+    pub connected: Gauge,
+    pub configured: Gauge,
+    pub evicted: Counter,
+    pub idle_closed: Counter,
+    pub rejected: Counter,
+    denied: [Counter; DenyReason::ALL.len()],
+}
+
+impl PeerMetrics {
+    pub fn new() -> Self {
+        Self {
+            connected: metrics::gauge!(AGENT_PEERS_CONNECTED),
+            configured: metrics::gauge!(AGENT_PEERS_CONFIGURED),
+            evicted: metrics::counter!(AGENT_CONNECTIONS_EVICTED_TOTAL),
+            idle_closed: metrics::counter!(AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL),
+            rejected: metrics::counter!(AGENT_CONNECTIONS_REJECTED_TOTAL),
+            denied: DenyReason::ALL.map(
+                |r| metrics::counter!(AGENT_PEER_CONNECTIONS_DENIED_TOTAL, label(AGENT_PEER_CONNECTIONS_DENIED_TOTAL) => r.as_str()),
+            ),
+        }
+    }
+
+    /// The counter for one deny reason.
+    pub fn denied(&self, reason: DenyReason) -> &Counter {
+        &self.denied[reason as usize]
+    }
+}
+
+/// The status codes a request to `metrics.path` can get, in the order of
+/// [`HttpMetrics`]' scrape counters.
+pub const SCRAPE_CODES: [u16; 4] = [200, 401, 403, 405];
+
+/// The metrics endpoint's own counters: scrapes by code, and security.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    pub unauthorized: Counter,
+    pub tls_handshake_failures: Counter,
+    scrapes: [Counter; SCRAPE_CODES.len()],
+}
+
+impl HttpMetrics {
+    pub fn new() -> Self {
+        Self {
+            unauthorized: metrics::counter!(AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL),
+            tls_handshake_failures: metrics::counter!(AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL),
+            scrapes: SCRAPE_CODES
+                .map(|c| metrics::counter!(AGENT_METRICS_SCRAPES_TOTAL, label(AGENT_METRICS_SCRAPES_TOTAL) => c.to_string())),
+        }
+    }
+
+    /// Counts one request to `metrics.path` answered with `code`.
+    pub fn scraped(&self, code: u16) {
+        if let Some(i) = SCRAPE_CODES.iter().position(|&c| c == code) {
+            self.scrapes[i].increment(1);
+        }
+    }
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Default for PeerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Sets `agent_build_info{version}` to 1.
+pub fn record_build_info() {
+    metrics::gauge!(AGENT_BUILD_INFO, label(AGENT_BUILD_INFO) => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
+}
