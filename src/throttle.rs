@@ -17,6 +17,7 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    /// Lets the first warning through, then at most one per `period`.
     pub fn new(period: Duration) -> Self {
         Self {
             period,

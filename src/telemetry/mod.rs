@@ -30,24 +30,34 @@ pub use handles::{
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
 
+/// A failure to start the metrics exporter; stops startup.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// The metrics endpoint could not be bound.
     #[error("cannot listen for metrics on {addr}: {source}")]
     Bind {
+        /// `metrics.address` and `metrics.port`.
         addr: SocketAddr,
+        /// Why binding failed (in use, no permission, no such address).
         source: std::io::Error,
     },
+    /// The recorder could not be installed (one was already set, or the exporter failed to build).
     #[error("cannot install the metrics recorder: {0}")]
     Install(String),
 }
 
 /// The installed exporter, and what it still needs to run.
 pub enum Installed {
+    /// The Prometheus recorder, and the endpoint's socket still to be served.
     Prometheus {
+        /// Serves the scrapes.
         recorder: ShardedRecorder,
+        /// Bound to `metrics.address`:`metrics.port`.
         listener: TcpListener,
     },
+    /// Pushing to DogStatsD; nothing to serve.
     Dogstatsd,
+    /// `metrics.enabled: false`: a no-op recorder.
     Disabled,
 }
 
