@@ -55,6 +55,7 @@ pub struct Ticket {
 }
 
 impl Admission {
+    /// An empty cap admitting `max` connections at once (`network.max_connections`).
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max,

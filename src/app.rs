@@ -27,13 +27,18 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(7);
 /// A failure that stops startup.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    /// The metrics exporter could not start (port taken, recorder already set).
     #[error(transparent)]
     Metrics(#[from] TelemetryError),
+    /// The storage backend could not be opened; fatal for a local database.
     #[error("cannot open storage: {0}")]
     Storage(#[from] StorageError),
+    /// The peer port could not be bound.
     #[error("cannot listen for peers on {addr}: {source}")]
     Listen {
+        /// `network.listen`.
         addr: std::net::SocketAddr,
+        /// Why binding failed (in use, no permission, no such address).
         source: std::io::Error,
     },
 }

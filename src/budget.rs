@@ -40,6 +40,7 @@ fn units_for(bytes: usize) -> usize {
 }
 
 impl Budget {
+    /// A budget of `bytes` (`network.max_buffered_bytes`), rounded up to whole units.
     pub fn new(bytes: usize) -> Arc<Self> {
         let units = units_for(bytes).clamp(1, Semaphore::MAX_PERMITS);
         Arc::new(Self {

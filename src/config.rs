@@ -41,6 +41,7 @@ pub const DEFAULT_CONFIG_FILE: &str = "agent.yaml";
 pub struct ConfigError {
     /// Dotted key path (`metrics.port`), or empty when the file itself is at fault.
     pub key: String,
+    /// What is wrong and, where it helps, what is allowed instead.
     pub message: String,
 }
 
@@ -63,16 +64,23 @@ pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The whole configuration, one field per top-level key; `check-config` prints it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `node`: this agent's identity.
     pub node: NodeConfig,
+    /// `network`: the peer port, the peers to dial, and their limits.
     pub network: NetworkConfig,
+    /// `storage`: where keys and values are kept.
     pub storage: StorageConfig,
+    /// `metrics`: how metrics leave the agent.
     pub metrics: MetricsConfig,
+    /// `log`: what goes to stderr, and how.
     pub log: LogConfig,
 }
 
+/// `node`: who this agent is.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
@@ -80,23 +88,33 @@ pub struct NodeConfig {
     pub id: String,
 }
 
+/// `network`: the peer protocol, inbound and outbound.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
+    /// `network.listen`: IP:port of the peer protocol.
     pub listen: String,
+    /// `network.peers`: `host:port` of peers to dial, keep alive with pings, and redial.
     pub peers: Vec<String>,
+    /// `network.max_connections`: inbound connections at once; at the cap a
+    /// never-served one is evicted, or else the newcomer is closed.
     pub max_connections: usize,
     /// An inbound connection with no complete request for this long is
     /// closed, so silent connections cannot hold every slot.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// `network.max_message_bytes`: longest request line; a longer one gets an
+    /// error reply and the connection is closed.
     pub max_message_bytes: usize,
     /// Bytes all inbound connections together may buffer beyond their fixed
     /// 64 KiB buffers: long request lines, and replies waiting for peers
     /// that do not read them. At the limit, connections wait.
     pub max_buffered_bytes: usize,
+    /// `network.ping_interval`: how often outbound peers are pinged, and how
+    /// long a reply may take before the peer is redialed.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
+    /// `network.max_redial_backoff`: cap on the doubling wait between redials.
     #[serde(with = "humantime_serde")]
     pub max_redial_backoff: Duration,
     /// CIDRs (or bare IPs) allowed to connect; empty allows everyone.
@@ -159,11 +177,14 @@ impl Default for NetworkConfig {
     }
 }
 
+/// `storage.backend`: which store holds the data.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
+    /// A redb file on this node; a put is acknowledged once durable.
     #[default]
     Local,
+    /// One Redis server.
     Redis,
     /// Redis Cluster, through the `redis` crate's cluster client.
     #[serde(rename = "redis_cluster")]
@@ -181,18 +202,25 @@ impl BackendKind {
     }
 }
 
+/// `storage`: the backend, and the settings of each kind (only the chosen one is used).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// `storage.backend`: which of the sections below is used.
     pub backend: BackendKind,
+    /// `storage.local`: for `backend: local`.
     pub local: LocalConfig,
+    /// `storage.redis`: for `backend: redis`.
     pub redis: RedisConfig,
+    /// `storage.redis_cluster`: for `backend: redis_cluster`.
     pub redis_cluster: RedisClusterConfig,
 }
 
+/// `storage.local`: the redb database.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocalConfig {
+    /// `storage.local.path`: the redb file; parent directories are created.
     pub path: PathBuf,
 }
 
@@ -204,15 +232,21 @@ impl Default for LocalConfig {
     }
 }
 
+/// `storage.redis`: one Redis server.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// `storage.redis.url`: `redis://[:password@]host:port/db`; the password is
+    /// redacted wherever the configuration is shown.
     pub url: String,
     /// A file holding the Redis password, read at startup, so the secret
     /// need not sit in the YAML or the environment. Exclusive with a
     /// password in `url`.
     pub password_file: PathBuf,
+    /// `storage.redis.key_prefix`: prepended to every key, to keep the agent's
+    /// keys apart from others in the same database.
     pub key_prefix: String,
+    /// `storage.redis.timeout`: bound on every command and connection attempt.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -240,6 +274,7 @@ pub struct RedisClusterConfig {
     /// A file holding the password of every node, read at startup, as for
     /// `storage.redis.password_file`. Exclusive with passwords in `nodes`.
     pub password_file: PathBuf,
+    /// `storage.redis_cluster.key_prefix`: prepended to every key.
     pub key_prefix: String,
     /// Bound on every operation, redirects and retries included.
     #[serde(with = "humantime_serde")]
@@ -259,24 +294,36 @@ impl Default for RedisClusterConfig {
     }
 }
 
+/// `metrics.exporter`: how metrics leave the agent.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ExporterKind {
+    /// An HTTP endpoint for Prometheus to scrape, with `/health` and `/ready`.
     #[default]
     Prometheus,
+    /// UDP push to `metrics.dogstatsd.address`; no HTTP endpoint.
     Dogstatsd,
 }
 
+/// `metrics`: the exporter, and the endpoint Prometheus scrapes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
+    /// `metrics.enabled`: false installs a no-op recorder and opens no port.
     pub enabled: bool,
+    /// `metrics.exporter`: Prometheus endpoint or DogStatsD push.
     pub exporter: ExporterKind,
+    /// `metrics.address`: IP the metrics endpoint listens on.
     pub address: String,
+    /// `metrics.port`: port of the metrics endpoint.
     pub port: u16,
+    /// `metrics.path`: the path serving metrics; may not be [`HEALTH_PATH`] or
+    /// [`READY_PATH`].
     pub path: String,
     /// CIDRs (or bare IPs) allowed to scrape; empty allows everyone.
     pub allowed_networks: Vec<String>,
+    /// `metrics.process_interval`: shortest window of `process_cpu_usage`; with
+    /// DogStatsD, how often process metrics are pushed.
     #[serde(with = "humantime_serde")]
     pub process_interval: Duration,
     /// Concurrent connections to the metrics endpoint; more are closed at once.
@@ -284,6 +331,7 @@ pub struct MetricsConfig {
     /// An exporter-toolkit web config file (TLS, basic auth) for the
     /// metrics endpoint; empty serves plain HTTP without authentication.
     pub web_config_file: PathBuf,
+    /// `metrics.dogstatsd`: used with `exporter: dogstatsd` only.
     pub dogstatsd: DogstatsdConfig,
 }
 
@@ -304,6 +352,7 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `metrics.dogstatsd`: where DogStatsD pushes go.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DogstatsdConfig {
@@ -319,18 +368,24 @@ impl Default for DogstatsdConfig {
     }
 }
 
+/// `log.format`: how lines on stderr are written.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines, for a terminal or the journal.
     #[default]
     Text,
+    /// One JSON object per line, for log shippers.
     Json,
 }
 
+/// `log`: what the agent writes to stderr.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// `log.level`: a level or filter (`agent=debug,info`); `RUST_LOG` wins when set.
     pub level: String,
+    /// `log.format`: text or JSON.
     pub format: LogFormat,
 }
 
@@ -347,11 +402,13 @@ impl Default for LogConfig {
 /// the agent never re-parses strings.
 #[derive(Debug, Clone)]
 pub struct Resolved {
+    /// `network.listen`, parsed.
     pub listen: SocketAddr,
     /// `network.allowed_networks`, parsed.
     pub peer_networks: Vec<IpNet>,
     /// `network.tls`, loaded and checked; None for plain TCP.
     pub peer_tls: Option<PeerTls>,
+    /// `metrics.address` and `metrics.port`, parsed.
     pub metrics_addr: SocketAddr,
     /// `metrics.allowed_networks`, parsed.
     pub allowed_networks: Vec<IpNet>,

@@ -217,6 +217,7 @@ impl Connection<TcpStream> {
 }
 
 impl<S: PeerStream> Connection<S> {
+    /// Wraps `stream`; a request line longer than `max_line` bytes fails as too large.
     pub fn new(stream: S, max_line: usize) -> Self {
         Self {
             io: BufReader::with_capacity(

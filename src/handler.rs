@@ -85,6 +85,7 @@ impl<S: Storage> Handler<S> {
         }
     }
 
+    /// The store behind the handler, for health checks and closing it at shutdown.
     pub fn storage(&self) -> &S {
         &self.storage
     }

@@ -7,7 +7,7 @@
 //! - [`server`], [`connection`], [`handler`], [`protocol`]: the peer protocol
 //!   from socket to reply; [`admission`]: the connection cap; [`budget`]:
 //!   memory for large messages, shared by all connections.
-//! - [`peers`]: peer accounting and outbound peers; [`peer_text`]: peer bytes
+//! - [`peers`]: peer accounting and outbound peers; `peer_text`: peer bytes
 //!   in logs, escaped, truncated and throttled.
 //! - [`storage`]: the `Storage` trait, its backends and the metrics wrapper.
 //! - [`telemetry`]: every metric's definition, exporter setup, `/metrics`.
@@ -18,15 +18,15 @@ pub mod budget;
 pub mod config;
 pub mod connection;
 pub mod handler;
-pub mod net;
-pub mod peer_text;
+pub(crate) mod net;
+pub(crate) mod peer_text;
 pub mod peers;
 pub mod protocol;
 pub mod reload;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
-pub mod throttle;
+pub(crate) mod throttle;
 
 #[cfg(test)]
 pub(crate) mod test_support;

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Whether `ip` may connect. An IPv4 client on a dual-stack socket shows
 /// up as `::ffff:a.b.c.d` and is matched as IPv4.
-pub fn allowed(networks: &[IpNet], ip: IpAddr) -> bool {
+pub(crate) fn allowed(networks: &[IpNet], ip: IpAddr) -> bool {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
@@ -22,7 +22,7 @@ pub fn allowed(networks: &[IpNet], ip: IpAddr) -> bool {
 /// Accepts the next connection, or None once `cancel` fires. A failed
 /// accept (usually EMFILE) is logged and retried after a pause instead of
 /// spinning. `what` names the listener in the log.
-pub async fn accept(
+pub(crate) async fn accept(
     listener: &TcpListener,
     cancel: &CancellationToken,
     what: &str,

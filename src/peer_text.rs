@@ -9,15 +9,15 @@
 
 use std::fmt::Write as _;
 
-pub use crate::throttle::Throttle;
+pub(crate) use crate::throttle::Throttle;
 
 /// Most bytes of peer input shown in a log line.
-pub const PREVIEW_BYTES: usize = 200;
+pub(crate) const PREVIEW_BYTES: usize = 200;
 
 /// At most the first [`PREVIEW_BYTES`] of `bytes`, with everything but
 /// printable ASCII escaped (`\x1b`, `\n`, `\xff`, ...), and the total length
 /// when cut: safe to log whatever the peer sent.
-pub fn preview(bytes: &[u8]) -> String {
+pub(crate) fn preview(bytes: &[u8]) -> String {
     let shown = &bytes[..bytes.len().min(PREVIEW_BYTES)];
     let mut text = shown.escape_ascii().to_string();
     if shown.len() < bytes.len() {

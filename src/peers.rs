@@ -27,12 +27,14 @@ pub struct Peers {
 }
 
 impl Peers {
+    /// Binds the peer metrics of the recorder installed now.
     pub fn new() -> Self {
         Self {
             metrics: PeerMetrics::new(),
         }
     }
 
+    /// Counts a newly opened connection in `agent_peers_connected` until the guard drops.
     pub fn connected(&self) -> PeerGuard {
         self.metrics.connected.increment(1.0);
         PeerGuard {
@@ -40,6 +42,7 @@ impl Peers {
         }
     }
 
+    /// Counts an inbound connection closed at once at the connection cap.
     pub fn rejected(&self) {
         self.metrics.rejected.increment(1);
     }
@@ -86,7 +89,9 @@ impl Drop for PeerGuard {
 /// How outbound peers are kept alive.
 #[derive(Debug, Clone)]
 pub struct DialPolicy {
+    /// `network.ping_interval`: time between pings, and the deadline for each reply.
     pub ping_interval: Duration,
+    /// `network.max_redial_backoff`: cap on the doubling wait between redials.
     pub max_backoff: Duration,
     /// Mutual TLS (`network.tls`): present our certificate, verify the
     /// peer's against the CA and the host name we dialed.

@@ -29,10 +29,25 @@ pub fn is_blank(line: &[u8]) -> bool {
 /// A decoded, well-formed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
+    /// A liveness check; outbound peers send one every `network.ping_interval`.
     Ping,
-    Get { key: String },
-    Put { key: String, value: String },
-    Delete { key: String },
+    /// Read a key.
+    Get {
+        /// 1 to [`MAX_KEY_BYTES`] bytes of UTF-8.
+        key: String,
+    },
+    /// Store a value, replacing any.
+    Put {
+        /// 1 to [`MAX_KEY_BYTES`] bytes of UTF-8.
+        key: String,
+        /// Any UTF-8 string.
+        value: String,
+    },
+    /// Remove a key.
+    Delete {
+        /// 1 to [`MAX_KEY_BYTES`] bytes of UTF-8.
+        key: String,
+    },
 }
 
 /// Why a message was answered with an error: the `reason` label of
@@ -43,6 +58,7 @@ pub enum FailReason {
     Parse,
     /// JSON, but not a request: not an object, a missing or ill-typed field, a bad key.
     Invalid,
+    /// An `op` other than ping, get, put and delete.
     UnknownOp,
     /// Longer than `network.max_message_bytes`.
     TooLarge,
@@ -51,6 +67,7 @@ pub enum FailReason {
 }
 
 impl FailReason {
+    /// Every reason, in label order (and `as usize` order), to create one counter each.
     pub const ALL: [FailReason; 5] = [
         FailReason::Parse,
         FailReason::Invalid,
@@ -59,6 +76,7 @@ impl FailReason {
         FailReason::Storage,
     ];
 
+    /// The `reason` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             FailReason::Parse => "parse",
@@ -73,11 +91,14 @@ impl FailReason {
 /// A failed message: the reason (for metrics) and the text for the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
+    /// Which `messages_failed_total` series counts it.
     pub reason: FailReason,
+    /// The error text in the reply to the peer.
     pub message: String,
 }
 
 impl Failure {
+    /// A failure for `reason`, answering the peer with `message`.
     pub fn new(reason: FailReason, message: impl Into<String>) -> Self {
         Self {
             reason,
@@ -117,9 +138,13 @@ impl EchoId {
 /// The outcome of a request, before encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// Done; nothing to return (ping, put).
     Ok,
+    /// A get's value; None when the key is absent.
     Value(Option<String>),
+    /// A delete's result: whether the key existed.
     Deleted(bool),
+    /// Answered with an error, counted by its reason.
     Failed(Failure),
 }
 

@@ -38,11 +38,17 @@ const REPLY_OVERHEAD: usize = 1024;
 /// before it is closed anyway (its peer has not been reading).
 const IDLE_CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
+/// The inbound side of the peer protocol: accepts, admits and serves connections.
 pub struct Server<S> {
+    /// Bound to `network.listen`.
     pub listener: TcpListener,
+    /// Answers every request, shared by all connections.
     pub handler: Arc<Handler<S>>,
+    /// Keeps the peer connection metrics.
     pub peers: Peers,
+    /// `network.max_connections`.
     pub max_connections: usize,
+    /// `network.max_message_bytes`: the longest request line.
     pub max_line: usize,
     /// `network.idle_timeout`.
     pub idle_timeout: Duration,

@@ -3,7 +3,7 @@
 use metrics_util::debugging::DebugValue;
 use metrics_util::CompositeKey;
 
-pub type Snapshot = Vec<(
+pub(crate) type Snapshot = Vec<(
     CompositeKey,
     Option<metrics::Unit>,
     Option<metrics::SharedString>,
@@ -22,7 +22,7 @@ fn find<'a>(snap: &'a Snapshot, name: &str, labels: &[(&str, &str)]) -> Option<&
 }
 
 /// The counter's value; 0 when it was never registered.
-pub fn counter(snap: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
+pub(crate) fn counter(snap: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
     match find(snap, name, labels) {
         Some(DebugValue::Counter(v)) => *v,
         Some(other) => panic!("{name} is not a counter: {other:?}"),
@@ -31,7 +31,7 @@ pub fn counter(snap: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
 }
 
 /// How many samples the histogram recorded.
-pub fn histogram_count(snap: &Snapshot, name: &str, labels: &[(&str, &str)]) -> usize {
+pub(crate) fn histogram_count(snap: &Snapshot, name: &str, labels: &[(&str, &str)]) -> usize {
     match find(snap, name, labels) {
         Some(DebugValue::Histogram(v)) => v.len(),
         Some(other) => panic!("{name} is not a histogram: {other:?}"),
@@ -39,7 +39,8 @@ pub fn histogram_count(snap: &Snapshot, name: &str, labels: &[(&str, &str)]) -> 
     }
 }
 
-pub fn gauge(snap: &Snapshot, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// The gauge's value; 0 when it was never registered.
+pub(crate) fn gauge(snap: &Snapshot, name: &str, labels: &[(&str, &str)]) -> f64 {
     match find(snap, name, labels) {
         Some(DebugValue::Gauge(v)) => v.into_inner(),
         Some(other) => panic!("{name} is not a gauge: {other:?}"),

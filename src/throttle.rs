@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 /// Lets a warning through at most once per period; the next one that gets
 /// through says how many were held back (those go to debug level).
 #[derive(Debug)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     /// Shortest time between two warnings.
     period: Duration,
     /// When the last warning got through.
@@ -17,7 +17,8 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    pub fn new(period: Duration) -> Self {
+    /// Lets the first warning through, then at most one per `period`.
+    pub(crate) fn new(period: Duration) -> Self {
         Self {
             period,
             last: None,
@@ -27,7 +28,7 @@ impl Throttle {
 
     /// Whether a warning may be logged now: `Some(held back since the last
     /// one)`, or None when it must be held back.
-    pub fn allow(&mut self) -> Option<u64> {
+    pub(crate) fn allow(&mut self) -> Option<u64> {
         self.allow_at(Instant::now())
     }
 

@@ -109,6 +109,7 @@ impl<S: Storage> Instrumented<S> {
         }
     }
 
+    /// The wrapped store, for what the wrapper does not measure.
     pub fn inner(&self) -> &S {
         &self.inner
     }

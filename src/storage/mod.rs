@@ -66,7 +66,9 @@ pub trait Storage: Send + Sync + 'static {
     fn backend(&self) -> BackendKind;
     /// Whether the store can serve right now.
     fn health(&self) -> &Health;
+    /// The key's value; None when it is absent.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<String>, StorageError>> + Send;
+    /// Stores the value, replacing any; returns once it is as durable as the backend makes it.
     fn put(&self, key: &str, value: &str) -> impl Future<Output = Result<(), StorageError>> + Send;
     /// Returns whether the key existed.
     fn delete(&self, key: &str) -> impl Future<Output = Result<bool, StorageError>> + Send;
@@ -77,8 +79,11 @@ pub trait Storage: Send + Sync + 'static {
 /// The backend chosen by `storage.backend`, as one concrete type so the hot
 /// path needs no dynamic dispatch or boxed futures.
 pub enum AnyBackend {
+    /// `backend: local`: a redb file.
     Local(LocalStore),
+    /// `backend: redis`: one Redis server.
     Redis(RedisStore),
+    /// `backend: redis_cluster`: a Redis Cluster.
     RedisCluster(RedisClusterStore),
 }
 

@@ -20,7 +20,7 @@ use super::{Health, Storage, StorageError};
 use crate::config::{BackendKind, RedisConfig, SecretUrl};
 
 /// How often Redis is pinged for the store's health.
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Handle to Redis; cheap to share.
 pub struct RedisStore {

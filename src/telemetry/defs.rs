@@ -9,25 +9,45 @@
 
 use metrics::{KeyName, SharedString, Unit};
 
+/// Gauge: the agent's CPU use over the last window, in percent of one core.
 pub const PROCESS_CPU_USAGE: &str = "process_cpu_usage";
+/// Gauge: the agent's resident set size, in bytes.
 pub const PROCESS_MEMORY_BYTES: &str = "process_memory_bytes";
+/// Gauge: open peer connections, inbound plus outbound.
 pub const AGENT_PEERS_CONNECTED: &str = "agent_peers_connected";
+/// Counter: inbound connections closed at once at `network.max_connections`.
 pub const AGENT_CONNECTIONS_REJECTED_TOTAL: &str = "agent_connections_rejected_total";
+/// Gauge: outbound peers in `network.peers`.
 pub const AGENT_PEERS_CONFIGURED: &str = "agent_peers_configured";
+/// Counter: inbound connections closed before a request was read, by reason.
 pub const AGENT_PEER_CONNECTIONS_DENIED_TOTAL: &str = "agent_peer_connections_denied_total";
+/// Counter: metrics endpoint requests answered 401.
 pub const AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL: &str = "agent_http_requests_unauthorized_total";
+/// Counter: metrics endpoint connections whose TLS handshake failed.
 pub const AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL: &str = "agent_http_tls_handshake_failures_total";
+/// Counter: requests to `metrics.path`, by status code.
 pub const AGENT_METRICS_SCRAPES_TOTAL: &str = "agent_metrics_scrapes_total";
+/// Counter: never-served inbound connections closed to make room at the cap.
 pub const AGENT_CONNECTIONS_EVICTED_TOTAL: &str = "agent_connections_evicted_total";
+/// Counter: inbound connections closed after `network.idle_timeout`.
 pub const AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL: &str = "agent_connections_idle_closed_total";
+/// Counter: messages received from peers, failed ones included.
 pub const MESSAGES_RECEIVED_TOTAL: &str = "messages_received_total";
+/// Counter: messages answered with an error, by reason.
 pub const MESSAGES_FAILED_TOTAL: &str = "messages_failed_total";
+/// Histogram: seconds from a complete message read to its reply ready.
 pub const MESSAGE_PROCESSING_DURATION_SECONDS: &str = "message_processing_duration_seconds";
+/// Counter: storage operations completed, by operation and backend.
 pub const STORAGE_OPERATIONS_TOTAL: &str = "storage_operations_total";
+/// Counter: storage operations that failed, by operation and backend.
 pub const STORAGE_OPERATION_ERRORS_TOTAL: &str = "storage_operation_errors_total";
+/// Histogram: seconds per storage operation, by operation and backend.
 pub const STORAGE_OPERATION_DURATION_SECONDS: &str = "storage_operation_duration_seconds";
+/// Gauge: 1 while the storage backend can serve, 0 when not.
 pub const AGENT_STORAGE_UP: &str = "agent_storage_up";
+/// Counter: panics caught in storage threads.
 pub const AGENT_STORAGE_PANICS_TOTAL: &str = "agent_storage_panics_total";
+/// Gauge: always 1; its `version` label names the running build.
 pub const AGENT_BUILD_INFO: &str = "agent_build_info";
 
 /// Upper bounds in seconds, from a local read (tens of microseconds) to a
@@ -39,10 +59,14 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// A metric's Prometheus type, which fixes how it may be recorded and queried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// Only goes up (restarts reset it); query with `rate()`.
     Counter,
+    /// A value that goes up and down.
     Gauge,
+    /// Observations in the explicit buckets [`LATENCY_BUCKETS`].
     Histogram,
 }
 
@@ -60,19 +84,28 @@ impl Kind {
 /// Who registers the metric's description.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// The agent's own code.
     Agent,
     /// The standard process set from `metrics-process`.
     MetricsProcess,
 }
 
+/// One metric as operators see it: the contract `docs/metrics.md` is checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct MetricDef {
+    /// The series name, without labels.
     pub name: &'static str,
+    /// Counter, gauge or histogram.
     pub kind: Kind,
+    /// The unit; None for a dimensionless value (a 0/1 gauge).
     pub unit: Option<Unit>,
+    /// The `# HELP` text.
     pub help: &'static str,
+    /// Label names, in the order handles build them.
     pub labels: &'static [&'static str],
+    /// Bucket bounds in seconds, for histograms only.
     pub buckets: Option<&'static [f64]>,
+    /// Who describes it: the agent or `metrics-process`.
     pub source: Source,
 }
 
@@ -115,6 +148,7 @@ const fn process(
     }
 }
 
+/// Every metric the agent exposes; the one list docs and exporter setup read.
 pub const METRICS: &[MetricDef] = &[
     agent(
         PROCESS_CPU_USAGE,

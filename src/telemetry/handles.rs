@@ -19,7 +19,9 @@ fn label(name: &str) -> &'static str {
 /// atomic operation rather than a registry lookup per message.
 #[derive(Clone)]
 pub struct MessageMetrics {
+    /// `messages_received_total`.
     pub received: Counter,
+    /// `message_processing_duration_seconds`.
     pub duration: DurationHistogram,
     failed: [Counter; FailReason::ALL.len()],
 }
@@ -37,6 +39,7 @@ impl MessageMetrics {
         }
     }
 
+    /// The `messages_failed_total` series for `reason`.
     pub fn failed(&self, reason: FailReason) -> &Counter {
         &self.failed[reason as usize]
     }
@@ -51,12 +54,16 @@ impl Default for MessageMetrics {
 /// Handles for one storage operation on one backend.
 #[derive(Clone)]
 pub struct StorageOpMetrics {
+    /// `storage_operations_total` for this operation and backend.
     pub operations: Counter,
+    /// `storage_operation_errors_total` for this operation and backend.
     pub errors: Counter,
+    /// `storage_operation_duration_seconds` for this operation and backend.
     pub duration: DurationHistogram,
 }
 
 impl StorageOpMetrics {
+    /// Binds to the recorder installed now, with `operation` and `backend` labels.
     pub fn new(operation: &'static str, backend: &'static str) -> Self {
         // The label names as the catalog defines them, in its order.
         let names = def(STORAGE_OPERATIONS_TOTAL).labels;
@@ -116,11 +123,14 @@ impl DenyReason {
 /// `agent_storage_panics_total`.
 #[derive(Clone)]
 pub struct StorageHealthMetrics {
+    /// `agent_storage_up` for this backend.
     pub up: Gauge,
+    /// `agent_storage_panics_total` for this backend.
     pub panics: Counter,
 }
 
 impl StorageHealthMetrics {
+    /// Binds to the recorder installed now, with the `backend` label.
     pub fn new(backend: &'static str) -> Self {
         Self {
             up: metrics::gauge!(AGENT_STORAGE_UP, label(AGENT_STORAGE_UP) => backend),
@@ -134,15 +144,21 @@ impl StorageHealthMetrics {
 /// evicted, idle.
 #[derive(Clone)]
 pub struct PeerMetrics {
+    /// `agent_peers_connected`.
     pub connected: Gauge,
+    /// `agent_peers_configured`.
     pub configured: Gauge,
+    /// `agent_connections_evicted_total`.
     pub evicted: Counter,
+    /// `agent_connections_idle_closed_total`.
     pub idle_closed: Counter,
+    /// `agent_connections_rejected_total`.
     pub rejected: Counter,
     denied: [Counter; DenyReason::ALL.len()],
 }
 
 impl PeerMetrics {
+    /// Binds to the recorder installed now.
     pub fn new() -> Self {
         Self {
             connected: metrics::gauge!(AGENT_PEERS_CONNECTED),
@@ -169,12 +185,15 @@ pub const SCRAPE_CODES: [u16; 4] = [200, 401, 403, 405];
 /// The metrics endpoint's own counters: scrapes by code, and security.
 #[derive(Clone)]
 pub struct HttpMetrics {
+    /// `agent_http_requests_unauthorized_total`.
     pub unauthorized: Counter,
+    /// `agent_http_tls_handshake_failures_total`.
     pub tls_handshake_failures: Counter,
     scrapes: [Counter; SCRAPE_CODES.len()],
 }
 
 impl HttpMetrics {
+    /// Binds to the recorder installed now.
     pub fn new() -> Self {
         Self {
             unauthorized: metrics::counter!(AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL),

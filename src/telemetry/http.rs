@@ -61,10 +61,13 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// What the endpoint serves and to whom.
 pub struct Endpoint {
+    /// Renders the scrape.
     pub exposition: Exposition,
+    /// `metrics.path`.
     pub path: String,
     /// `metrics.allowed_networks`; replaced on a configuration reload.
     pub allowed_networks: SharedNetworks,
+    /// `metrics.max_connections`: connections beyond it are closed at once.
     pub max_connections: usize,
     /// HTTPS, from the web config file; None serves plain HTTP.
     pub tls: Option<TlsAcceptor>,

@@ -53,11 +53,16 @@ pub enum TelemetryError {
 
 /// The installed exporter, and what it still needs to run.
 pub enum Installed {
+    /// The Prometheus recorder, and the endpoint's socket still to be served.
     Prometheus {
+        /// Serves the scrapes.
         recorder: ShardedRecorder,
+        /// Bound to `metrics.address`:`metrics.port`.
         listener: TcpListener,
     },
+    /// Pushing to DogStatsD; nothing to serve.
     Dogstatsd,
+    /// `metrics.enabled: false`: a no-op recorder.
     Disabled,
 }
 

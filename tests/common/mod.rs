@@ -1,5 +1,8 @@
 //! Shared test harness: external binaries, free ports, the real agent binary.
 #![allow(dead_code)]
+// Each test binary includes this harness as a private `mod common`, so its
+// `pub` items are never reachable from outside; `pub` marks what tests use.
+#![allow(unreachable_pub)]
 
 use std::path::PathBuf;
 
