@@ -8,14 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Starts an agent on the data directory of a previous one.
-fn restart_on(dir: &Arc<tempfile::TempDir>) -> Agent {
-    Agent::start_with(AgentOptions {
-        dir: Some(Arc::clone(dir)),
-        ..AgentOptions::default()
-    })
-}
-
 /// Writes keys k0..k{n}, overwrites the even ones, deletes every third, and
 /// returns what each key must read back as.
 fn write_pattern(peer: &mut Peer, prefix: &str, n: usize) -> Vec<(String, Option<String>)> {

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 
-use agent::telemetry::defs::{Kind, Source};
+use agent::telemetry::defs::Source;
 use agent::telemetry::METRICS;
 use common::*;
 
@@ -39,25 +39,6 @@ const REQUIRED: &[(&str, &str)] = &[
 
 const REASONS: [&str; 5] = ["parse", "invalid", "unknown_op", "too_large", "storage"];
 const OPERATIONS: [&str; 3] = ["get", "put", "delete"];
-
-/// One sample's value, panicking with the page when it is missing.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    sample(text, name, labels).unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{text}"))
-}
-
-/// Polls the endpoint until the sample has exactly `want`.
-fn wait_for_value(agent: &Agent, name: &str, labels: &[(&str, &str)], want: f64) {
-    let mut last = None;
-    let ok = wait_until(|| {
-        last = sample(&agent.scrape(), name, labels);
-        last == Some(want)
-    });
-    assert!(
-        ok,
-        "{name}{labels:?} stayed at {last:?}, expected {want}\n{}",
-        agent.log()
-    );
-}
 
 /// A scrape after traffic that touches every series: successes on every
 /// storage operation and one failure of each kind a peer can cause.
@@ -210,15 +191,7 @@ fn histograms_are_real_histograms_with_the_defined_buckets() {
     assert!(!text.contains(" summary\n"), "a summary TYPE in:\n{text}");
     assert!(text.contains("# TYPE message_processing_duration_seconds histogram\n"));
 
-    let histograms: Vec<_> = METRICS
-        .iter()
-        .filter(|d| d.kind == Kind::Histogram)
-        .collect();
-    assert_eq!(histograms.len(), 2);
-    for def in histograms {
-        let buckets = def
-            .buckets
-            .unwrap_or_else(|| panic!("{} has no explicit buckets", def.name));
+    for (def, buckets) in explicit_histograms() {
         // Bucket lines grouped by their labels other than `le`, in page order.
         let bucket_prefix = format!("{}_bucket{{", def.name);
         let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
@@ -599,17 +572,6 @@ fn outbound_peers_are_counted_too() {
     wait_for_value(&target, "messages_received_total", &[], 1.0);
 }
 
-fn vm_rss_bytes(pid: u32) -> f64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line");
-    kb * 1024.0
-}
-
 #[test]
 fn process_metrics_agree_with_proc() {
     let agent =
@@ -618,9 +580,9 @@ fn process_metrics_agree_with_proc() {
     let within = |a: f64, b: f64| (a - b).abs() <= 0.10 * b;
     let mut last = String::new();
     let ok = wait_until(|| {
-        let before = vm_rss_bytes(pid);
+        let before = vm_rss_bytes(pid) as f64;
         let text = agent.scrape();
-        let after = vm_rss_bytes(pid);
+        let after = vm_rss_bytes(pid) as f64;
         // NaN (never within 10%) until the first sample.
         let ours = sample(&text, "process_memory_bytes", &[]).unwrap_or(f64::NAN);
         let theirs = sample(&text, "process_resident_memory_bytes", &[]).unwrap_or(f64::NAN);

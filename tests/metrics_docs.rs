@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use agent::telemetry::defs::{Kind, LATENCY_BUCKETS};
+use agent::telemetry::defs::LATENCY_BUCKETS;
 use agent::telemetry::METRICS;
+use common::*;
 
 const TABLE_HEADER: [&str; 5] = ["Metric", "Type", "Unit", "Labels", "Meaning"];
 const BUCKETS_PREFIX: &str = "Buckets: ";
@@ -169,14 +170,12 @@ fn check_buckets(doc: &str) -> Vec<String> {
         return vec![format!("unparsable bucket list: {line}")];
     };
     let mut problems = Vec::new();
-    for def in METRICS.iter().filter(|d| d.kind == Kind::Histogram) {
-        match def.buckets {
-            Some(b) if b == parsed.as_slice() => {}
-            Some(b) => problems.push(format!(
+    for (def, b) in explicit_histograms() {
+        if b != parsed.as_slice() {
+            problems.push(format!(
                 "{}: documented buckets {parsed:?}, defined {b:?}",
                 def.name
-            )),
-            None => problems.push(format!("{} is a histogram without buckets", def.name)),
+            ));
         }
     }
     problems
@@ -203,53 +202,6 @@ fn promql_examples(doc: &str) -> Vec<String> {
     out
 }
 
-/// PromQL functions and keywords that contain an underscore, so they are
-/// not mistaken for metric names.
-const PROMQL_WORDS: &[&str] = &[
-    "histogram_quantile",
-    "label_replace",
-    "label_join",
-    "avg_over_time",
-    "min_over_time",
-    "max_over_time",
-    "sum_over_time",
-    "count_over_time",
-    "quantile_over_time",
-    "last_over_time",
-    "group_left",
-    "group_right",
-];
-
-/// Identifiers in `expr` that look like metric names (contain `_`) but are
-/// neither a defined metric (with `_bucket`/`_sum`/`_count` for histograms)
-/// nor a PromQL function.
-fn unknown_metrics(expr: &str) -> Vec<String> {
-    let known = |word: &str| {
-        METRICS.iter().any(|d| {
-            word == d.name
-                || (d.kind == Kind::Histogram
-                    && ["_bucket", "_sum", "_count"]
-                        .iter()
-                        .any(|s| word.strip_suffix(s) == Some(d.name)))
-        })
-    };
-    assert_eq!(
-        expr.matches('"').count() % 2,
-        0,
-        "unbalanced quotes in {expr}"
-    );
-    let mut unknown = Vec::new();
-    // Odd parts are inside "...": label values, not names.
-    for part in expr.split('"').step_by(2) {
-        for word in part.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
-            if word.contains('_') && !PROMQL_WORDS.contains(&word) && !known(word) {
-                unknown.push(word.to_string());
-            }
-        }
-    }
-    unknown
-}
-
 #[test]
 fn docs_match_metric_definitions() {
     let problems = check(&read_doc());
@@ -263,13 +215,8 @@ fn docs_match_metric_definitions() {
 
 #[test]
 fn every_histogram_has_explicit_buckets() {
-    let histograms: Vec<_> = METRICS
-        .iter()
-        .filter(|d| d.kind == Kind::Histogram)
-        .collect();
-    assert_eq!(histograms.len(), 2);
-    for def in histograms {
-        assert_eq!(def.buckets, Some(LATENCY_BUCKETS), "{}", def.name);
+    for (def, buckets) in explicit_histograms() {
+        assert_eq!(buckets, LATENCY_BUCKETS, "{}", def.name);
     }
 }
 
@@ -389,7 +336,7 @@ fn promql_examples_use_only_defined_metrics() {
 /// `promtool check rules` parses every example as a recording rule.
 #[test]
 fn promql_examples_parse() {
-    let Some(promtool) = common::require_bin("promtool") else {
+    let Some(promtool) = require_bin("promtool") else {
         return;
     };
     let examples = promql_examples(&read_doc());

@@ -13,17 +13,6 @@ use common::*;
 /// Bound on an error reply during an outage: storage.redis.timeout is 500ms.
 const PROMPT: Duration = Duration::from_secs(2);
 
-fn redis_agent(server: &RedisServer, extra: &[(&str, &str)]) -> Agent {
-    let mut opts = AgentOptions::default()
-        .env("AGENT_STORAGE__BACKEND", "redis")
-        .env("AGENT_STORAGE__REDIS__URL", server.url())
-        .env("AGENT_STORAGE__REDIS__TIMEOUT", "500ms");
-    for (k, v) in extra {
-        opts = opts.env(k, v);
-    }
-    Agent::start_with(opts)
-}
-
 /// Asserts that each storage op fails promptly with a storage error and the
 /// id echoed, and that ping (no storage) still works.
 fn assert_prompt_storage_errors(peer: &mut Peer) {

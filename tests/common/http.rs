@@ -1,0 +1,89 @@
+//! Minimal HTTP/1 GETs over real TCP: the agent's metrics endpoint and
+//! Prometheus' HTTP API.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use super::WAIT;
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 GET with `Connection: close`, panicking on failure.
+pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    try_http_get(addr, path, "HTTP/1.1").unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// A minimal GET that reads until the server closes. `version` is
+/// `HTTP/1.1` (sent with `Connection: close`) or `HTTP/1.0`, for which
+/// servers send the body without chunked encoding (Go's net/http does).
+pub fn try_http_get(addr: SocketAddr, path: &str, version: &str) -> std::io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    let close = if version == "HTTP/1.1" {
+        "Connection: close\r\n"
+    } else {
+        ""
+    };
+    write!(
+        stream,
+        "GET {path} {version}\r\nHost: {addr}\r\n{close}\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_http_response(&raw)
+}
+
+/// Splits a whole HTTP/1 response (read until close) into status, headers
+/// and body.
+pub fn parse_http_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let bad = |what: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {text:?}"))
+    };
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no HTTP head"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// Percent-encodes `s` as a URL query value: RFC 3986 unreserved characters
+/// pass, every other byte becomes `%XX`.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,195 @@
+//! Prometheus on both sides: samples read from the agent's exposition text,
+//! and a real `prometheus` server with its HTTP API.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{free_port, percent_encode, require_bin, try_http_get, WAIT};
+
+/// Reads one sample's value from exposition text: `name{labels} value`.
+/// Labels must match exactly (order as the exporter renders them does not
+/// matter). Format validity is promtool's job; this only reads numbers.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, got) = match series.split_once('{') {
+                Some((n, rest)) => {
+                    let mut got: Vec<String> = rest
+                        .trim_end_matches('}')
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    got.sort();
+                    (n, got)
+                }
+                None => (series, Vec::new()),
+            };
+            (n == name && got == want)
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+}
+
+/// One sample's value, panicking with the page when it is missing.
+pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(text, name, labels).unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{text}"))
+}
+
+/// A real `prometheus` server on a free loopback port, with its config and
+/// TSDB in a temporary directory owned by the test.
+pub struct Prometheus {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: Option<tempfile::TempDir>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Prometheus {
+    /// Writes `config` to `<dir>/prometheus.yml` and starts Prometheus on it
+    /// (files the config names, such as rule files or file_sd targets, can
+    /// be put in `dir` beforehand). Waits until `/-/ready` answers 200.
+    /// None (with a printed reason) when `prometheus` is missing outside CI.
+    pub fn start_in(dir: tempfile::TempDir, config: &str) -> Option<Prometheus> {
+        let bin = require_bin("prometheus")?;
+        let config_file = dir.path().join("prometheus.yml");
+        std::fs::write(&config_file, config).expect("write prometheus.yml");
+        let mut dir = Some(dir);
+        for attempt in 1.. {
+            let mut prom = Self::spawn(&bin, dir.take().unwrap(), free_port());
+            match prom.wait_ready() {
+                Ok(()) => return Some(prom),
+                // Another process took the port after free_port() chose it.
+                Err(log) if attempt < 3 && log.contains("address already in use") => {
+                    dir = prom.stop();
+                }
+                Err(log) => panic!("prometheus did not become ready:\n{log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn spawn(bin: &Path, dir: tempfile::TempDir, port: u16) -> Prometheus {
+        let mut child = Command::new(bin)
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn prometheus");
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Prometheus {
+            child: Some(child),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            dir: Some(dir),
+            log,
+        }
+    }
+
+    /// Polls `/-/ready`; Err(log) if Prometheus exits or never gets ready.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        // Startup replays the (empty) WAL and loads rules: slow on a loaded
+        // machine, so allow twice the usual wait.
+        let deadline = Instant::now() + 2 * WAIT;
+        while Instant::now() < deadline {
+            if matches!(try_http_get(self.addr, "/-/ready", "HTTP/1.0"), Ok(r) if r.status == 200) {
+                return Ok(());
+            }
+            if !matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Give the reader thread a moment to collect the last lines.
+        std::thread::sleep(Duration::from_millis(200));
+        Err(self.log())
+    }
+
+    /// Kills the server; returns its directory for another attempt.
+    fn stop(&mut self) -> Option<tempfile::TempDir> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.dir.take()
+    }
+
+    /// The temporary directory holding the config and the TSDB.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("running").path()
+    }
+
+    /// `start_in` with a fresh temporary directory.
+    pub fn start(config: &str) -> Option<Prometheus> {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), config)
+    }
+
+    /// Everything Prometheus logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// GET on the HTTP API, parsed as JSON (whatever the status).
+    pub fn api(&self, path_and_query: &str) -> serde_json::Value {
+        let resp = try_http_get(self.addr, path_and_query, "HTTP/1.0")
+            .unwrap_or_else(|e| panic!("GET {path_and_query}: {e}\n{}", self.log()));
+        serde_json::from_str(&resp.body).unwrap_or_else(|e| {
+            panic!(
+                "GET {path_and_query}: HTTP {} body is not JSON ({e}): {}",
+                resp.status, resp.body
+            )
+        })
+    }
+
+    /// An instant query: `Ok(data)` when Prometheus answers `status: success`,
+    /// `Err(whole answer)` otherwise.
+    pub fn try_query(&self, expr: &str) -> Result<serde_json::Value, serde_json::Value> {
+        let answer = self.api(&format!("/api/v1/query?query={}", percent_encode(expr)));
+        if answer["status"] == "success" {
+            Ok(answer["data"].clone())
+        } else {
+            Err(answer)
+        }
+    }
+
+    /// An instant query's result list, panicking unless it succeeds.
+    pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let data = self
+            .try_query(expr)
+            .unwrap_or_else(|answer| panic!("query {expr:?} failed: {answer}"));
+        data["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
