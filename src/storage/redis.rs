@@ -78,9 +78,19 @@ impl RedisStore {
             probe: std::sync::Mutex::new(None),
         };
         let cancel = CancellationToken::new();
+        let (conn, timeout) = (store.conn.clone(), store.timeout);
         tokio::spawn(probe(
-            store.conn.clone(),
-            store.timeout,
+            move || {
+                let mut conn = conn.clone();
+                async move {
+                    bounded(timeout, async move {
+                        redis::cmd("PING").query_async::<String>(&mut conn).await
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| unreachable(&e))
+                }
+            },
             store.health.clone(),
             cancel.clone(),
         ));
@@ -130,14 +140,15 @@ fn unreachable(e: &StorageError) -> String {
     }
 }
 
-/// Pings Redis every [`PROBE_INTERVAL`] until cancelled: the store is up
-/// exactly when the last PING was answered (or an operation failed since).
-async fn probe(
-    conn: ConnectionManager,
-    timeout: Duration,
-    health: Health,
-    cancel: CancellationToken,
-) {
+/// Checks the store's health every [`PROBE_INTERVAL`] until cancelled:
+/// up exactly when the last check passed (or an operation failed since).
+/// `check` gives the reason `/ready` shows when it fails. Shared by the
+/// Redis backends, which differ only in what they ask.
+pub(super) async fn probe<F, Fut>(check: F, health: Health, cancel: CancellationToken)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -145,18 +156,48 @@ async fn probe(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let mut conn = conn.clone();
-        let ping = bounded(timeout, async move {
-            redis::cmd("PING").query_async::<String>(&mut conn).await
-        });
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
-            result = ping => result,
+            result = check() => result,
         };
         match result {
-            Ok(_) => health.set_up(),
-            Err(e) => health.set_down(&unreachable(&e)),
+            Ok(()) => health.set_up(),
+            Err(reason) => health.set_down(&reason),
         }
+    }
+}
+
+/// GET, SET and DEL on any Redis connection, a server's or a cluster's:
+/// the backends differ in how they connect, not in what they send.
+pub(super) mod ops {
+    use redis::aio::ConnectionLike;
+    use redis::RedisResult;
+
+    /// The value of `key`, if any.
+    pub(crate) async fn get<C: ConnectionLike>(
+        mut conn: C,
+        key: String,
+    ) -> RedisResult<Option<String>> {
+        redis::cmd("GET").arg(key).query_async(&mut conn).await
+    }
+
+    /// Sets `key` to `value`.
+    pub(crate) async fn put<C: ConnectionLike>(
+        mut conn: C,
+        key: String,
+        value: &str,
+    ) -> RedisResult<()> {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Deletes `key`; whether it existed.
+    pub(crate) async fn delete<C: ConnectionLike>(mut conn: C, key: String) -> RedisResult<bool> {
+        let n: i64 = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
+        Ok(n > 0)
     }
 }
 
@@ -201,41 +242,18 @@ impl Storage for RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {
-        let mut conn = self.conn.clone();
-        let key = self.key(key);
-        self.bounded(async move {
-            redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<String>>(&mut conn)
-                .await
-        })
-        .await
+        self.bounded(ops::get(self.conn.clone(), self.key(key)))
+            .await
     }
 
     async fn put(&self, key: &str, value: &str) -> Result<(), StorageError> {
-        let mut conn = self.conn.clone();
-        let key = self.key(key);
-        self.bounded(async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .query_async::<()>(&mut conn)
-                .await
-        })
-        .await
+        self.bounded(ops::put(self.conn.clone(), self.key(key), value))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StorageError> {
-        let mut conn = self.conn.clone();
-        let key = self.key(key);
-        self.bounded(async move {
-            redis::cmd("DEL")
-                .arg(key)
-                .query_async::<i64>(&mut conn)
-                .await
-        })
-        .await
-        .map(|n| n > 0)
+        self.bounded(ops::delete(self.conn.clone(), self.key(key)))
+            .await
     }
 
     async fn close(&self) {

@@ -21,7 +21,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::redis::{bounded, PROBE_INTERVAL};
+use super::redis::{bounded, ops, probe};
 use super::{Health, Storage, StorageError};
 use crate::config::{BackendKind, RedisClusterConfig, SecretUrl};
 
@@ -81,9 +81,12 @@ impl RedisClusterStore {
             }
         };
         let cancel = CancellationToken::new();
+        let (probe_conn, timeout) = (conn.clone(), cfg.timeout);
         tokio::spawn(probe(
-            conn.clone(),
-            cfg.timeout,
+            move || {
+                let conn = probe_conn.clone();
+                async move { cluster_state(&conn, timeout).await }
+            },
             health.clone(),
             cancel.clone(),
         ));
@@ -136,31 +139,6 @@ async fn cluster_state(conn: &ClusterConnection, timeout: Duration) -> Result<()
     }
 }
 
-/// Asks for the cluster state every [`PROBE_INTERVAL`] until cancelled.
-async fn probe(
-    conn: ClusterConnection,
-    timeout: Duration,
-    health: Health,
-    cancel: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(PROBE_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let state = tokio::select! {
-            _ = cancel.cancelled() => return,
-            state = cluster_state(&conn, timeout) => state,
-        };
-        match state {
-            Ok(()) => health.set_up(),
-            Err(reason) => health.set_down(&reason),
-        }
-    }
-}
-
 /// The cluster client: timeouts for each connection and each reply, and
 /// retries (after a redirect, a refused connection, `TRYAGAIN`) spaced so
 /// that several fit in one operation. The outer bound on the operation is
@@ -185,41 +163,18 @@ impl Storage for RedisClusterStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {
-        let mut conn = self.conn.clone();
-        let key = self.key(key);
-        self.bounded(async move {
-            redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<String>>(&mut conn)
-                .await
-        })
-        .await
+        self.bounded(ops::get(self.conn.clone(), self.key(key)))
+            .await
     }
 
     async fn put(&self, key: &str, value: &str) -> Result<(), StorageError> {
-        let mut conn = self.conn.clone();
-        let key = self.key(key);
-        self.bounded(async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .query_async::<()>(&mut conn)
-                .await
-        })
-        .await
+        self.bounded(ops::put(self.conn.clone(), self.key(key), value))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StorageError> {
-        let mut conn = self.conn.clone();
-        let key = self.key(key);
-        self.bounded(async move {
-            redis::cmd("DEL")
-                .arg(key)
-                .query_async::<i64>(&mut conn)
-                .await
-        })
-        .await
-        .map(|n| n > 0)
+        self.bounded(ops::delete(self.conn.clone(), self.key(key)))
+            .await
     }
 
     async fn close(&self) {
