@@ -30,15 +30,7 @@ cd "$(dirname "$0")/.."
 backend=local rounds=3 messages=50000 peers=16 mix="get=90,put=10,delete=0" keys=10000
 max_ratio= compare=metrics
 . benches/common.sh
-args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --max-ratio) max_ratio=$2; shift 2 ;;
-    --compare) compare=$2; shift 2 ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-parse_load_args ${args[@]+"${args[@]}"}
+parse_args "backend rounds messages peers mix keys max-ratio compare" "$@"
 for tool in valgrind callgrind_control callgrind_annotate python3; do
   command -v "$tool" >/dev/null || { echo "$tool is required (Debian: apt-get install valgrind python3)" >&2; exit 1; }
 done
@@ -61,42 +53,42 @@ fi
 
 results=$work/results
 : >"$results"
-for round in $(seq 1 "$rounds"); do
-  if [ $((round % 2)) -eq 1 ]; then order="true false"; else order="false true"; fi
-  for on in $order; do
-    profile=$out_dir/$compare-$on-round-$round.out
-    run_env=(AGENT_METRICS__ENABLED="$on") tls=()
-    if [ "$compare" = tls ]; then
-      run_env=(AGENT_METRICS__ENABLED=true)
-      if [ "$on" = true ]; then
-        run_env+=(AGENT_NETWORK__TLS__CERT_FILE="$work/tls/server.pem"
-                  AGENT_NETWORK__TLS__KEY_FILE="$work/tls/server-key.pem"
-                  AGENT_NETWORK__TLS__CA_FILE="$work/tls/ca.pem")
-        tls=(--tls-dir "$work/tls")
-      fi
+# One run: $compare on ($2 = true) or off (false) in round $1.
+measure() {
+  local round=$1 on=$2
+  profile=$out_dir/$compare-$on-round-$round.out
+  run_env=(AGENT_METRICS__ENABLED="$on") tls=()
+  if [ "$compare" = tls ]; then
+    run_env=(AGENT_METRICS__ENABLED=true)
+    if [ "$on" = true ]; then
+      run_env+=(AGENT_NETWORK__TLS__CERT_FILE="$work/tls/server.pem"
+                AGENT_NETWORK__TLS__KEY_FILE="$work/tls/server-key.pem"
+                AGENT_NETWORK__TLS__CA_FILE="$work/tls/ca.pem")
+      tls=(--tls-dir "$work/tls")
     fi
-    env "${run_env[@]}" valgrind --tool=callgrind --instr-atstart=no \
-      --callgrind-out-file="$profile" "$agent_bin" >"$work/agent.log" 2>&1 &
-    agent_pid=$!
-    pids+=("$agent_pid")
-    wait_port "$peer_port"
-    load --messages 2000 --mix "$mix" ${tls[@]+"${tls[@]}"} >/dev/null
-    # Connections are opened (and pinged) before counting starts: their
-    # setup is per connection, not per message.
-    rm -f "$work/connected" "$work/go"
-    load --messages "$messages" --mix "$mix" ${tls[@]+"${tls[@]}"} --connected-file "$work/connected" --go-file "$work/go" >"$work/load.out" &
-    load_pid=$!
-    until [ -e "$work/connected" ]; do
-      kill -0 "$load_pid" 2>/dev/null || { echo "load generator failed" >&2; exit 1; }
-      sleep 0.05
-    done
-    callgrind_control -i on "$agent_pid" >/dev/null 2>&1
-    touch "$work/go"
-    wait "$load_pid"
-    callgrind_control -i off "$agent_pid" >/dev/null 2>&1
-    n=$(sed -nE 's/^RESULT messages=([0-9]+).*/\1/p' "$work/load.out")
-    kill -TERM "$agent_pid"; wait "$agent_pid" || true
-    python3 - "$profile" "$n" "$round" "$on" >>"$results" <<'PY'
+  fi
+  env "${run_env[@]}" valgrind --tool=callgrind --instr-atstart=no \
+    --callgrind-out-file="$profile" "$agent_bin" >"$work/agent.log" 2>&1 &
+  agent_pid=$!
+  pids+=("$agent_pid")
+  wait_port "$peer_port"
+  load --messages 2000 --mix "$mix" ${tls[@]+"${tls[@]}"} >/dev/null
+  # Connections are opened (and pinged) before counting starts: their
+  # setup is per connection, not per message.
+  rm -f "$work/connected" "$work/go"
+  load --messages "$messages" --mix "$mix" ${tls[@]+"${tls[@]}"} --connected-file "$work/connected" --go-file "$work/go" >"$work/load.out" &
+  load_pid=$!
+  until [ -e "$work/connected" ]; do
+    kill -0 "$load_pid" 2>/dev/null || { echo "load generator failed" >&2; exit 1; }
+    sleep 0.05
+  done
+  callgrind_control -i on "$agent_pid" >/dev/null 2>&1
+  touch "$work/go"
+  wait "$load_pid"
+  callgrind_control -i off "$agent_pid" >/dev/null 2>&1
+  n=$(sed -nE 's/^RESULT messages=([0-9]+).*/\1/p' "$work/load.out")
+  kill -TERM "$agent_pid"; wait "$agent_pid" || true
+  python3 - "$profile" "$n" "$round" "$on" >>"$results" <<'PY'
 import re, subprocess, sys
 path, n, round_, on = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 # A line of callgrind_annotate is metrics code when its source file or the
@@ -115,9 +107,9 @@ for line in out.splitlines():
             in_metrics += cost
 print(round_, on, f'{total / n:.1f}', f'{in_metrics / n:.1f}')
 PY
-    tail -1 "$results" | awk -v p="$profile" -v c="$compare" '{ printf "round %s %s=%s: %s instructions/msg, %s of them in metrics code (%s)\n", $1, c, $2, $3, $4, p }'
-  done
-done
+  tail -1 "$results" | awk -v p="$profile" -v c="$compare" '{ printf "round %s %s=%s: %s instructions/msg, %s of them in metrics code (%s)\n", $1, c, $2, $3, $4, p }'
+}
+alternate_rounds measure
 
 summary=$(awk '
   { if ($2 == "true") { on[$1] = $3; on_m[$1] = $4 } else { off[$1] = $3; off_m[$1] = $4 } }

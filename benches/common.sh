@@ -1,21 +1,35 @@
 # Shared by the benchmark scripts (sourced, not run).
 
-# Reads the options the on/off scripts share into backend, rounds, messages,
-# peers, mix, keys and depth; the caller sets their defaults first (depth
-# defaults to 64, the load generator's own default).
-parse_load_args() {
-  depth=${depth:-64}
+# Reads `--name value` options into variables of the same name (dashes
+# become underscores: --max-ratio sets max_ratio). $1 lists the names the
+# calling script takes, separated by spaces; any other option, or one
+# without a value, stops the script with exit code 2. The caller sets the
+# defaults first.
+parse_args() { # $1 = "backend rounds ..." then the script's arguments
+  local allowed=" $1 " name
+  shift
   while [ $# -gt 0 ]; do
-    case "$1" in
-      --backend) backend=$2; shift 2 ;;
-      --rounds) rounds=$2; shift 2 ;;
-      --messages) messages=$2; shift 2 ;;
-      --peers) peers=$2; shift 2 ;;
-      --mix) mix=$2; shift 2 ;;
-      --keys) keys=$2; shift 2 ;;
-      --depth) depth=$2; shift 2 ;;
-      *) echo "unknown argument: $1" >&2; exit 2 ;;
-    esac
+    name=${1#--}
+    if [ "$name" = "$1" ] || [[ "$allowed" != *" $name "* ]]; then
+      echo "unknown argument: $1" >&2
+      exit 2
+    fi
+    [ $# -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
+    printf -v "${name//-/_}" '%s' "$2"
+    shift 2
+  done
+}
+
+# The on/off measurement: $rounds rounds, each running "$1 ROUND true" (on)
+# and "$1 ROUND false" (off). Odd rounds run on first, even rounds off first,
+# so drift during the run (page cache, thermal, other load) falls on both.
+alternate_rounds() { # $1 = the function measuring one run
+  local round on order
+  for round in $(seq 1 "$rounds"); do
+    if [ $((round % 2)) -eq 1 ]; then order="true false"; else order="false true"; fi
+    for on in $order; do
+      "$1" "$round" "$on"
+    done
   done
 }
 

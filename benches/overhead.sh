@@ -21,9 +21,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-backend=local rounds=5 messages=1000000 peers=16 mix="get=90,put=10,delete=0" keys=10000
+# depth 64 is the load generator's own default.
+backend=local rounds=5 messages=1000000 peers=16 mix="get=90,put=10,delete=0" keys=10000 depth=64
 . benches/common.sh
-parse_load_args "$@"
+parse_args "backend rounds messages peers mix keys depth" "$@"
 
 build_release
 scratch
@@ -54,30 +55,29 @@ preload "$keys"
 
 results=$work/results
 : >"$results"
-for round in $(seq 1 "$rounds"); do
-  # Alternate which mode goes first, so drift (page cache, thermal) is shared.
-  if [ $((round % 2)) -eq 1 ]; then order="true false"; else order="false true"; fi
-  for on in $order; do
-    start_agent "$on"
-    before=$(cpu_ticks "$agent_pid") sys_before=$(sys_ticks "$agent_pid") cs_before=$(ctx_switches "$agent_pid") mf_before=$(minor_faults "$agent_pid")
-    out=$("${pin_load[@]}" "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" --depth "$depth" \
-          --messages "$messages" --mix "$mix" --keys "$keys")
-    after=$(cpu_ticks "$agent_pid") sys_after=$(sys_ticks "$agent_pid") cs_after=$(ctx_switches "$agent_pid") mf_after=$(minor_faults "$agent_pid") rss=$(rss_kib "$agent_pid")
-    stop_agent
-    line=$(grep '^RESULT' <<<"$out")
-    rate=$(sed -E 's/.* rate=([0-9.]+).*/\1/' <<<"$line")
-    n=$(sed -E 's/.* messages=([0-9]+).*/\1/' <<<"$line")
-    errs=$(sed -E 's/.* errors=([0-9]+).*/\1/' <<<"$line")
-    p99=$(sed -E 's/.* p99_us=([0-9]+).*/\1/' <<<"$line")
-    per_msg() { awk -v t="$1" -v hz="$tck" -v n="$n" 'BEGIN { printf "%.1f", t / hz * 1e9 / n }'; }
-    ns_per_msg=$(per_msg $((after - before)))
-    sys_ns_per_msg=$(per_msg $((sys_after - sys_before)))
-    cs_per_msg=$(awk -v c=$((cs_after - cs_before)) -v n="$n" 'BEGIN { printf "%.3f", c / n }')
-    mf_per_kmsg=$(awk -v c=$((mf_after - mf_before)) -v n="$n" 'BEGIN { printf "%.2f", c * 1000 / n }')
-    echo "round $round metrics=$on rate=$rate msg/s cpu=${ns_per_msg} ns/msg (kernel ${sys_ns_per_msg}) ctxsw=${cs_per_msg}/msg faults=${mf_per_kmsg}/1k msg rss=$((rss / 1024)) MiB p99=${p99} us errors=$errs"
-    echo "$round $on $rate $ns_per_msg $cs_per_msg $sys_ns_per_msg" >>"$results"
-  done
-done
+# One run: metrics $2 (true|false) in round $1.
+measure() {
+  local round=$1 on=$2
+  start_agent "$on"
+  before=$(cpu_ticks "$agent_pid") sys_before=$(sys_ticks "$agent_pid") cs_before=$(ctx_switches "$agent_pid") mf_before=$(minor_faults "$agent_pid")
+  out=$("${pin_load[@]}" "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" --depth "$depth" \
+        --messages "$messages" --mix "$mix" --keys "$keys")
+  after=$(cpu_ticks "$agent_pid") sys_after=$(sys_ticks "$agent_pid") cs_after=$(ctx_switches "$agent_pid") mf_after=$(minor_faults "$agent_pid") rss=$(rss_kib "$agent_pid")
+  stop_agent
+  line=$(grep '^RESULT' <<<"$out")
+  rate=$(sed -E 's/.* rate=([0-9.]+).*/\1/' <<<"$line")
+  n=$(sed -E 's/.* messages=([0-9]+).*/\1/' <<<"$line")
+  errs=$(sed -E 's/.* errors=([0-9]+).*/\1/' <<<"$line")
+  p99=$(sed -E 's/.* p99_us=([0-9]+).*/\1/' <<<"$line")
+  per_msg() { awk -v t="$1" -v hz="$tck" -v n="$n" 'BEGIN { printf "%.1f", t / hz * 1e9 / n }'; }
+  ns_per_msg=$(per_msg $((after - before)))
+  sys_ns_per_msg=$(per_msg $((sys_after - sys_before)))
+  cs_per_msg=$(awk -v c=$((cs_after - cs_before)) -v n="$n" 'BEGIN { printf "%.3f", c / n }')
+  mf_per_kmsg=$(awk -v c=$((mf_after - mf_before)) -v n="$n" 'BEGIN { printf "%.2f", c * 1000 / n }')
+  echo "round $round metrics=$on rate=$rate msg/s cpu=${ns_per_msg} ns/msg (kernel ${sys_ns_per_msg}) ctxsw=${cs_per_msg}/msg faults=${mf_per_kmsg}/1k msg rss=$((rss / 1024)) MiB p99=${p99} us errors=$errs"
+  echo "$round $on $rate $ns_per_msg $cs_per_msg $sys_ns_per_msg" >>"$results"
+}
+alternate_rounds measure
 
 awk '
   { key = $1; if ($2 == "true") { on_rate[key] = $3; on_cpu[key] = $4; on_cs[key] = $5; on_sys[key] = $6 } else { off_rate[key] = $3; off_cpu[key] = $4; off_cs[key] = $5; off_sys[key] = $6 } }

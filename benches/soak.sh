@@ -6,15 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=300 interval=10 backend=local
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --seconds) seconds=$2; shift 2 ;;
-    --interval) interval=$2; shift 2 ;;
-    --backend) backend=$2; shift 2 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-done
 . benches/common.sh
+parse_args "seconds interval backend" "$@"
 build_release
 scratch
 agent_env "$backend"
