@@ -7,33 +7,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use common::*;
 
-fn docs() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs")
-}
-
 fn read_doc(name: &str) -> String {
-    let path = docs().join(name);
+    let path = docs_dir().join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-/// Runs `promtool args...` in `dir`: (exit status success, stdout + stderr).
-fn promtool(promtool: &Path, dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(promtool)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run promtool");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 fn yaml(text: &str) -> serde_yaml::Value {
@@ -62,11 +41,11 @@ fn installed_layout(dir: &Path) -> PathBuf {
     let targets = dir.join("targets");
     std::fs::create_dir_all(&targets).unwrap();
     std::fs::copy(
-        docs().join("targets/agents.yml"),
+        docs_dir().join("targets/agents.yml"),
         targets.join("agents.yml"),
     )
     .unwrap();
-    std::fs::copy(docs().join("alerts.yml"), dir.join("alerts.yml")).unwrap();
+    std::fs::copy(docs_dir().join("alerts.yml"), dir.join("alerts.yml")).unwrap();
     let mut config = yaml(&read_doc("prometheus.yml"));
     let jobs = config["scrape_configs"]
         .as_sequence_mut()
@@ -96,7 +75,7 @@ fn promtool_check_config_accepts_docs_prometheus_yml() {
     };
     // As documented: from the repository, the only complaint is the missing
     // targets files of an uninstalled Prometheus.
-    let (ok, out) = promtool(&bin, &docs(), &["check", "config", "prometheus.yml"]);
+    let (ok, out) = run_promtool(&bin, &docs_dir(), &["check", "config", "prometheus.yml"]);
     assert!(ok, "promtool check config failed:\n{out}");
     assert!(
         out.contains("SUCCESS: prometheus.yml is valid prometheus config file syntax"),
@@ -126,7 +105,7 @@ fn promtool_check_config_accepts_docs_prometheus_yml() {
     let dir = tempfile::tempdir().unwrap();
     let file = installed_layout(dir.path());
     let file = file.to_str().unwrap();
-    let (ok, out) = promtool(&bin, dir.path(), &["check", "config", file]);
+    let (ok, out) = run_promtool(&bin, dir.path(), &["check", "config", file]);
     assert!(
         ok,
         "promtool check config (installed layout) failed:\n{out}"
@@ -145,7 +124,7 @@ fn promtool_check_config_accepts_docs_prometheus_yml() {
         "- targets: node1:8080\n",
     )
     .unwrap();
-    let (ok, out) = promtool(&bin, dir.path(), &["check", "config", file]);
+    let (ok, out) = run_promtool(&bin, dir.path(), &["check", "config", file]);
     assert!(!ok, "a malformed targets file must fail the check:\n{out}");
     assert!(out.contains("checking SD file"), "{out}");
 }
@@ -155,7 +134,7 @@ fn promtool_check_rules_accepts_docs_alerts_yml() {
     let Some(bin) = require_bin("promtool") else {
         return;
     };
-    let (ok, out) = promtool(&bin, &docs(), &["check", "rules", "alerts.yml"]);
+    let (ok, out) = run_promtool(&bin, &docs_dir(), &["check", "rules", "alerts.yml"]);
     assert!(ok, "promtool check rules failed:\n{out}");
     let rules = alert_rules();
     assert_eq!(rules.len(), 11, "{rules:?}");
@@ -197,7 +176,7 @@ fn promtool_test_rules_passes_docs_alerts_test_yml() {
         return;
     };
     // Run from docs/, as documented: rule_files are relative to it.
-    let (ok, out) = promtool(&bin, &docs(), &["test", "rules", "alerts_test.yml"]);
+    let (ok, out) = run_promtool(&bin, &docs_dir(), &["test", "rules", "alerts_test.yml"]);
     assert!(ok, "promtool test rules failed:\n{out}");
     assert!(out.contains("SUCCESS"), "{out}");
 
@@ -515,7 +494,7 @@ fn prometheus_accepts_every_dashboard_and_alert_expression() {
 
     // Prometheus also loads alerts.yml itself, as an installed one does.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(docs().join("alerts.yml"), dir.path().join("alerts.yml")).unwrap();
+    std::fs::copy(docs_dir().join("alerts.yml"), dir.path().join("alerts.yml")).unwrap();
     let config =
         "global:\n  evaluation_interval: 1m\nrule_files:\n  - alerts.yml\nscrape_configs: []\n";
     let Some(prom) = Prometheus::start_in(dir, config) else {

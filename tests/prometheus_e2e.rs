@@ -7,23 +7,14 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
-use serde_json::Value;
 
 /// Traffic, in two phases so that rate() has an increase between scrapes.
 const PUTS: usize = 40;
 const GETS: usize = 25;
 const DELETES: usize = 15;
 const UNKNOWN_OPS: usize = 1;
-
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
 
 /// docs/prometheus.yml as installed, with only the intervals shortened to
 /// 1 s and the file_sd glob moved into `dir`, where the targets file lists
@@ -59,58 +50,21 @@ fn config_for(dir: &Path, agent: &Agent) -> String {
     serde_yaml::to_string(&config).unwrap()
 }
 
-/// Labels of a result series, without `__name__`, as `k=v` strings.
-fn labels(series: &Value) -> BTreeMap<String, String> {
-    series["metric"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k != "__name__")
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-        .collect()
-}
-
-fn number(v: &Value) -> f64 {
-    v.as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not a sample value: {v}"))
-}
-
 /// Waits until Prometheus holds, for every series of `selector`, a sample
 /// scraped after `after` (Unix seconds), and returns each series' latest raw
 /// sample value. Raw samples carry their scrape timestamps, so this knows
 /// the value includes everything the agent counted before `after`.
 fn scraped_after(prom: &Prometheus, selector: &str, after: f64) -> BTreeMap<String, f64> {
-    // Scrape timestamps may be aligned by a few milliseconds.
-    let after = after + 0.05;
-    let mut last = Vec::new();
-    let ok = wait_until(|| {
-        last = prom.query(&format!("{selector}[1m]"));
-        !last.is_empty()
-            && last.iter().all(|s| {
-                s["values"]
-                    .as_array()
-                    .and_then(|v| v.last())
-                    .is_some_and(|sample| sample[0].as_f64().unwrap() > after)
-            })
-    });
-    assert!(
-        ok,
-        "no scrape of {selector} after {after}: {last:?}\n{}",
-        prom.log()
-    );
-    last.iter()
-        .map(|s| {
-            let key = labels(s)
+    prom.latest_after(selector, after)
+        .into_iter()
+        .map(|(labels, value)| {
+            let key = labels
                 .into_iter()
                 .filter(|(k, _)| !["job", "instance", "env"].contains(&k.as_str()))
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            (
-                key,
-                number(&s["values"].as_array().unwrap().last().unwrap()[1]),
-            )
+            (key, value)
         })
         .collect()
 }
@@ -119,7 +73,7 @@ fn scraped_after(prom: &Prometheus, selector: &str, after: f64) -> BTreeMap<Stri
 fn single_value(prom: &Prometheus, expr: &str) -> f64 {
     let result = prom.query(expr);
     assert_eq!(result.len(), 1, "{expr}: {result:?}");
-    number(&result[0]["value"][1])
+    sample_number(&result[0]["value"][1])
 }
 
 #[test]
@@ -159,14 +113,19 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     );
     assert_eq!(up.len(), 1, "{up:?}");
     assert_eq!(
-        labels(&up[0]),
+        series_labels(&up[0]),
         BTreeMap::from([
             ("env".to_string(), "e2e".to_string()),
             ("instance".to_string(), instance.clone()),
             ("job".to_string(), "agent".to_string()),
         ])
     );
-    assert_eq!(number(&up[0]["value"][1]), 1.0, "{up:?}\n{}", prom.log());
+    assert_eq!(
+        sample_number(&up[0]["value"][1]),
+        1.0,
+        "{up:?}\n{}",
+        prom.log()
+    );
     let targets = prom.api("/api/v1/targets?state=active");
     let active = targets["data"]["activeTargets"].as_array().unwrap();
     assert_eq!(active.len(), 1, "{targets}");
@@ -219,10 +178,10 @@ fn prometheus_scrapes_the_agent_and_reports_exact_counts() {
     let by_op: BTreeMap<(String, String), f64> = by_op
         .iter()
         .map(|s| {
-            let l = labels(s);
+            let l = series_labels(s);
             (
                 (l["operation"].clone(), l["backend"].clone()),
-                number(&s["value"][1]),
+                sample_number(&s["value"][1]),
             )
         })
         .collect();

@@ -7,8 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::Path;
 
 use common::*;
 use serde_json::Value;
@@ -18,49 +17,13 @@ const GETS: usize = 20;
 const DELETES: usize = 10;
 const UNKNOWN_OPS: usize = 2;
 
-fn docs() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs")
-}
-
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-fn number(v: &Value) -> f64 {
-    v.as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not a sample value: {v}"))
-}
-
-/// Labels of a result series, `__name__` included.
-fn labels(series: &Value) -> BTreeMap<String, String> {
-    series["metric"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-        .collect()
-}
-
-/// Runs promtool in docs/ and asserts success.
+/// Runs promtool in docs/, asserting success.
 fn promtool(args: &[&str]) {
     let Some(bin) = require_bin("promtool") else {
         return;
     };
-    let out = std::process::Command::new(bin)
-        .args(args)
-        .current_dir(docs())
-        .output()
-        .expect("run promtool");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    let (ok, text) = run_promtool(&bin, &docs_dir(), args);
+    assert!(ok, "promtool {args:?}:\n{text}");
 }
 
 /// `file` from docs/ as installed in `dir`, with every interval shortened
@@ -75,10 +38,10 @@ fn installed(dir: &Path, file: &str, glob: &str, target: &str, labels: &str) -> 
     )
     .unwrap();
     let mut config: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(docs().join(file)).unwrap()).unwrap();
+        serde_yaml::from_str(&std::fs::read_to_string(docs_dir().join(file)).unwrap()).unwrap();
     for rule_file in config["rule_files"].as_sequence().unwrap() {
         let name = rule_file.as_str().unwrap();
-        std::fs::copy(docs().join(name), dir.join(name)).unwrap();
+        std::fs::copy(docs_dir().join(name), dir.join(name)).unwrap();
     }
     for key in ["scrape_interval", "scrape_timeout", "evaluation_interval"] {
         config["global"][key] = "1s".into();
@@ -92,43 +55,6 @@ fn installed(dir: &Path, file: &str, glob: &str, target: &str, labels: &str) -> 
     }
     job["file_sd_configs"][0]["files"] = vec![format!("{}/{glob}", targets.display())].into();
     serde_yaml::to_string(&config).unwrap()
-}
-
-/// Waits until the global server holds, for every series of `selector`, a
-/// sample taken after `after` (Unix seconds), and returns each series'
-/// labels and latest raw value. Federated samples keep the site's scrape
-/// timestamps, so such a sample counts everything the agent did before
-/// `after`.
-fn latest_after(
-    prom: &Prometheus,
-    selector: &str,
-    after: f64,
-) -> Vec<(BTreeMap<String, String>, f64)> {
-    let after = after + 0.05;
-    let mut last = Vec::new();
-    let ok = wait_until(|| {
-        last = prom.query(&format!("{selector}[1m]"));
-        !last.is_empty()
-            && last.iter().all(|s| {
-                s["values"]
-                    .as_array()
-                    .and_then(|v| v.last())
-                    .is_some_and(|sample| sample[0].as_f64().unwrap() > after)
-            })
-    });
-    assert!(
-        ok,
-        "no sample of {selector} after {after}: {last:?}\n{}",
-        prom.log()
-    );
-    last.iter()
-        .map(|s| {
-            (
-                labels(s),
-                number(&s["values"].as_array().unwrap().last().unwrap()[1]),
-            )
-        })
-        .collect()
 }
 
 /// Alerting rules as the server reports them.
@@ -166,7 +92,7 @@ fn dashboard_exprs() -> Vec<String> {
             _ => {}
         }
     }
-    let text = std::fs::read_to_string(docs().join("grafana/agent.json")).unwrap();
+    let text = std::fs::read_to_string(docs_dir().join("grafana/agent.json")).unwrap();
     let dashboard: Value = serde_json::from_str(&text).unwrap();
     let mut exprs = Vec::new();
     walk(&dashboard["panels"], &mut exprs);
@@ -188,7 +114,7 @@ fn remote_write_snippet_is_a_valid_site_config() {
     let Some(bin) = require_bin("promtool") else {
         return;
     };
-    let doc = std::fs::read_to_string(docs().join("monitoring.md")).unwrap();
+    let doc = std::fs::read_to_string(docs_dir().join("monitoring.md")).unwrap();
     let snippet = doc
         .split_once("**Remote write: the site servers push to Thanos or Mimir.**")
         .and_then(|(_, rest)| rest.split_once("```yaml\n"))
@@ -197,7 +123,7 @@ fn remote_write_snippet_is_a_valid_site_config() {
         .expect("remote-write yaml block in docs/monitoring.md");
     let snippet: serde_yaml::Value = serde_yaml::from_str(snippet).unwrap();
     let mut config: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(docs().join("prometheus.yml")).unwrap())
+        serde_yaml::from_str(&std::fs::read_to_string(docs_dir().join("prometheus.yml")).unwrap())
             .unwrap();
     config["global"]["external_labels"] = snippet["global"]["external_labels"].clone();
     config["remote_write"] = snippet["remote_write"].clone();
@@ -205,7 +131,7 @@ fn remote_write_snippet_is_a_valid_site_config() {
     assert!(config["remote_write"][0]["url"].is_string(), "{snippet:?}");
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(docs().join("alerts.yml"), dir.path().join("alerts.yml")).unwrap();
+    std::fs::copy(docs_dir().join("alerts.yml"), dir.path().join("alerts.yml")).unwrap();
     std::fs::write(
         dir.path().join("prometheus.yml"),
         serde_yaml::to_string(&config).unwrap(),
@@ -264,21 +190,17 @@ fn global_prometheus_federates_a_site_with_exact_values() {
 
     // The agent's series on the global server: the exact value, and the
     // labels the site gave it (job, instance, file_sd) plus the site's.
-    let received = latest_after(&global, "messages_received_total", end);
-    let want_labels = |name: &str| {
-        BTreeMap::from([
-            ("__name__".to_string(), name.to_string()),
-            ("env".to_string(), "e2e".to_string()),
-            ("instance".to_string(), instance.clone()),
-            ("job".to_string(), "agent".to_string()),
-            ("site".to_string(), "e2e-site".to_string()),
-        ])
-    };
-    assert_eq!(
-        received,
-        vec![(want_labels("messages_received_total"), total as f64)]
-    );
-    let storage: BTreeMap<String, f64> = latest_after(&global, "storage_operations_total", end)
+    let received = global.latest_after("messages_received_total", end);
+    // (The name is the selector's; the labels are compared without it.)
+    let want_labels = BTreeMap::from([
+        ("env".to_string(), "e2e".to_string()),
+        ("instance".to_string(), instance.clone()),
+        ("job".to_string(), "agent".to_string()),
+        ("site".to_string(), "e2e-site".to_string()),
+    ]);
+    assert_eq!(received, vec![(want_labels.clone(), total as f64)]);
+    let storage: BTreeMap<String, f64> = global
+        .latest_after("storage_operations_total", end)
         .into_iter()
         .map(|(l, v)| (format!("{}/{}", l["backend"], l["operation"]), v))
         .collect();
@@ -291,12 +213,12 @@ fn global_prometheus_federates_a_site_with_exact_values() {
         ])
     );
     let failed = global.query(r#"sum(messages_failed_total{job="agent", reason="unknown_op"})"#);
-    assert_eq!(number(&failed[0]["value"][1]), UNKNOWN_OPS as f64);
+    assert_eq!(sample_number(&failed[0]["value"][1]), UNKNOWN_OPS as f64);
     // The site's up{job="agent"} is federated too: AgentDown works here.
     let up = global.query(r#"up{job="agent"}"#);
     assert_eq!(up.len(), 1, "{up:?}");
-    assert_eq!(labels(&up[0]), want_labels("up"));
-    assert_eq!(number(&up[0]["value"][1]), 1.0);
+    assert_eq!(series_labels(&up[0]), want_labels.clone());
+    assert_eq!(sample_number(&up[0]["value"][1]), 1.0);
 
     // Every dashboard query answers for the agent on the global server
     // (the rates once two federated samples are in their window).
@@ -372,8 +294,8 @@ fn global_prometheus_federates_a_site_with_exact_values() {
     assert!(noticed, "{rules:#?}\n{}", global.log());
     let down = global.query(r#"up{job="federate"}"#);
     assert_eq!(down.len(), 1, "{down:?}");
-    assert_eq!(number(&down[0]["value"][1]), 0.0);
-    assert_eq!(labels(&down[0])["site"], "e2e-site");
+    assert_eq!(sample_number(&down[0]["value"][1]), 0.0);
+    assert_eq!(series_labels(&down[0])["site"], "e2e-site");
 }
 
 /// The alerts the global server loads: docs/alerts.yml and

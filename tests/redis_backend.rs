@@ -45,27 +45,6 @@ fn assert_prompt_storage_errors(peer: &mut Peer) {
     );
 }
 
-/// Polls until a put succeeds (Redis is back and the agent reconnected);
-/// returns how many puts failed before that.
-fn wait_for_recovery(peer: &mut Peer) -> usize {
-    let mut last = String::new();
-    let mut failures = 0;
-    let recovered = wait_until(|| {
-        last = peer.request(r#"{"id":"r","op":"put","key":"recovered","value":"yes"}"#);
-        if last == r#"{"id":"r","ok":true}"# {
-            return true;
-        }
-        assert!(
-            last.starts_with(r#"{"id":"r","ok":false,"error":"storage "#),
-            "{last}"
-        );
-        failures += 1;
-        false
-    });
-    assert!(recovered, "the agent never recovered; last reply {last}");
-    failures
-}
-
 #[test]
 fn operations_use_the_key_prefix() {
     let Some(server) = RedisServer::start() else {
@@ -175,7 +154,7 @@ fn outage_gives_prompt_errors_and_recovers_without_restart() {
 
     // Same port, empty server (no persistence): the agent reconnects by itself.
     server.restart();
-    let poll_failures = wait_for_recovery(&mut peer);
+    let poll_failures = peer.wait_for_recovery();
     assert_eq!(
         peer.request(r#"{"id":2,"op":"get","key":"recovered"}"#),
         r#"{"id":2,"ok":true,"value":"yes"}"#
@@ -218,7 +197,7 @@ fn agent_started_while_redis_is_down_starts_and_recovers() {
     assert_prompt_storage_errors(&mut peer);
 
     server.restart();
-    wait_for_recovery(&mut peer);
+    peer.wait_for_recovery();
     assert_eq!(
         peer.request(r#"{"id":1,"op":"get","key":"recovered"}"#),
         r#"{"id":1,"ok":true,"value":"yes"}"#
@@ -274,7 +253,7 @@ fn hung_redis_is_bounded_by_the_timeout() {
 
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    wait_for_recovery(&mut peer);
+    peer.wait_for_recovery();
     assert_eq!(
         peer.request(r#"{"id":6,"op":"get","key":"recovered"}"#),
         r#"{"id":6,"ok":true,"value":"yes"}"#

@@ -148,27 +148,6 @@ fn keys_spread_over_every_master_with_exact_counts() {
 /// storage.redis_cluster.timeout is 500ms.
 const PROMPT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Polls until a put succeeds; returns how many failed (storage errors,
-/// each checked) before that.
-fn wait_for_recovery(peer: &mut Peer) -> usize {
-    let mut last = String::new();
-    let mut failures = 0;
-    let recovered = wait_until(|| {
-        last = peer.request(r#"{"id":"r","op":"put","key":"recovered","value":"yes"}"#);
-        if last == r#"{"id":"r","ok":true}"# {
-            return true;
-        }
-        assert!(
-            last.starts_with(r#"{"id":"r","ok":false,"error":"storage "#),
-            "{last}"
-        );
-        failures += 1;
-        false
-    });
-    assert!(recovered, "the agent never recovered; last reply {last}");
-    failures
-}
-
 #[test]
 fn agent_started_before_its_cluster_starts_and_recovers() {
     let Some(mut cluster) = RedisCluster::reserve(None) else {
@@ -213,7 +192,7 @@ fn agent_started_before_its_cluster_starts_and_recovers() {
     );
 
     cluster.create();
-    errors += wait_for_recovery(&mut peer);
+    errors += peer.wait_for_recovery();
     // Every shard serves the agent now, not only the one "recovered" maps to.
     let shards = cluster.shards();
     let keys: Vec<String> = shards

@@ -13,6 +13,28 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// Polls with puts until one succeeds (the storage backend is back and
+    /// the agent reconnected); returns how many failed before that, each
+    /// checked to be a storage error.
+    pub fn wait_for_recovery(&mut self) -> usize {
+        let mut last = String::new();
+        let mut failures = 0;
+        let recovered = super::wait_until(|| {
+            last = self.request(r#"{"id":"r","op":"put","key":"recovered","value":"yes"}"#);
+            if last == r#"{"id":"r","ok":true}"# {
+                return true;
+            }
+            assert!(
+                last.starts_with(r#"{"id":"r","ok":false,"error":"storage "#),
+                "{last}"
+            );
+            failures += 1;
+            false
+        });
+        assert!(recovered, "the agent never recovered; last reply {last}");
+        failures
+    }
+
     pub fn connect(addr: SocketAddr) -> Peer {
         let stream = TcpStream::connect(addr).expect("connect to agent");
         stream.set_read_timeout(Some(WAIT)).unwrap();

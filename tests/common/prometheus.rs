@@ -1,14 +1,15 @@
 //! Prometheus on both sides: samples read from the agent's exposition text,
 //! and a real `prometheus` server with its HTTP API.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{free_port, percent_encode, require_bin, try_http_get, WAIT};
+use super::{free_port, percent_encode, require_bin, try_http_get, wait_until, WAIT};
 
 /// Reads one sample's value from exposition text: `name{labels} value`.
 /// Labels must match exactly (order as the exporter renders them does not
@@ -186,6 +187,87 @@ impl Prometheus {
             .unwrap_or_else(|answer| panic!("query {expr:?} failed: {answer}"));
         data["result"].as_array().cloned().unwrap_or_default()
     }
+}
+
+impl Prometheus {
+    /// Waits until Prometheus holds, for every series of `selector`, a raw
+    /// sample taken after `after` (Unix seconds), and returns each series'
+    /// labels (without `__name__`) and latest value. Raw samples carry their
+    /// scrape timestamps (federated ones keep the site's), so such a value
+    /// includes everything the agent counted before `after`.
+    pub fn latest_after(&self, selector: &str, after: f64) -> Vec<(BTreeMap<String, String>, f64)> {
+        // Scrape timestamps may be aligned by a few milliseconds.
+        let after = after + 0.05;
+        let mut last = Vec::new();
+        let ok = wait_until(|| {
+            last = self.query(&format!("{selector}[1m]"));
+            !last.is_empty()
+                && last.iter().all(|s| {
+                    s["values"]
+                        .as_array()
+                        .and_then(|v| v.last())
+                        .is_some_and(|sample| sample[0].as_f64().unwrap() > after)
+                })
+        });
+        assert!(
+            ok,
+            "no sample of {selector} after {after}: {last:?}\n{}",
+            self.log()
+        );
+        last.iter()
+            .map(|s| {
+                let latest = &s["values"].as_array().unwrap().last().unwrap()[1];
+                (series_labels(s), sample_number(latest))
+            })
+            .collect()
+    }
+}
+
+/// Labels of a query result series, without `__name__`.
+pub fn series_labels(series: &serde_json::Value) -> BTreeMap<String, String> {
+    series["metric"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__name__")
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// A sample value as the HTTP API gives it (a string).
+pub fn sample_number(v: &serde_json::Value) -> f64 {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a sample value: {v}"))
+}
+
+/// Now, in Unix seconds, to compare with sample timestamps.
+pub fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The repository's docs/ directory.
+pub fn docs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs")
+}
+
+/// Runs `promtool` with `args` in `dir`: (success, stdout and stderr).
+pub fn run_promtool(promtool: &Path, dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(promtool)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 impl Drop for Prometheus {

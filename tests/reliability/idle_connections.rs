@@ -119,14 +119,7 @@ fn idle_connections_cannot_lock_out_peers_and_close_after_the_idle_timeout() {
         max_fds = max_fds.max(open_fds(pid));
         std::thread::sleep(Duration::from_millis(50));
     }
-    let closed_after: Vec<Duration> = tasks
-        .into_iter()
-        .map(|t| {
-            rt.block_on(t)
-                .expect("task")
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    let closed_after: Vec<Duration> = join_all(&rt, tasks, "");
     drop(rt);
     wait_for_value(&agent, "agent_peers_connected", &[], 1.0);
     let text = agent.scrape();

@@ -90,7 +90,7 @@ fn memory_stays_bounded_with_400_peers_and_1_mib_messages_and_returns_after() {
     // and the agent has them all before any sends: this is about memory,
     // not about a listen backlog overflowing on a loaded machine.
     let connecting = Arc::new(tokio::sync::Semaphore::new(64));
-    let connected: Vec<tokio::net::TcpStream> = (0..PEERS)
+    let connected: Vec<_> = (0..PEERS)
         .map(|i| {
             let connecting = Arc::clone(&connecting);
             rt.spawn(async move {
@@ -105,14 +105,8 @@ fn memory_stays_bounded_with_400_peers_and_1_mib_messages_and_returns_after() {
                     .map_err(|e| format!("peer {i}: connect: {e}"))
             })
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(|t| {
-            rt.block_on(t)
-                .expect("task")
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
         .collect();
+    let connected: Vec<tokio::net::TcpStream> = join_all(&rt, connected, "");
     wait_for_value(&agent, "agent_peers_connected", &[], PEERS as f64);
     // Each sends a 1 MiB put at once and reads its reply.
     let put = Arc::new(put);
@@ -150,14 +144,8 @@ fn memory_stays_bounded_with_400_peers_and_1_mib_messages_and_returns_after() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let puts_time = puts_started.elapsed();
-    let mut streams: Vec<tokio::net::TcpStream> = tasks
-        .into_iter()
-        .map(|t| {
-            rt.block_on(t)
-                .expect("task")
-                .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()))
-        })
-        .collect();
+    let mut streams: Vec<tokio::net::TcpStream> =
+        join_all(&rt, tasks, &format!("\n{}", agent.log()));
     // Settled: the 400 stay connected, idle, their large message behind them.
     peak_rss_until_quiet(&agent, Duration::from_millis(500));
     let idle_after_puts = vm_rss_bytes(pid);

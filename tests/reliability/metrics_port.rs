@@ -162,14 +162,7 @@ fn metrics_port_abuse_is_capped_and_closed_within_30s() {
         serve_a_peer(&mut peer_latencies);
         std::thread::sleep(Duration::from_millis(50));
     }
-    let results: Vec<Abuse> = tasks
-        .into_iter()
-        .map(|t| {
-            rt.block_on(t)
-                .expect("task")
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    let results: Vec<Abuse> = join_all(&rt, tasks, "");
     drop(rt);
 
     let (idle, half): (Vec<&Abuse>, Vec<&Abuse>) = results.iter().partition(|a| !a.half_sent);

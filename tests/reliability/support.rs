@@ -245,3 +245,20 @@ pub(crate) fn put_until_ok(peer: &mut Peer, key: &str, value: &str) -> (Duration
     assert!(ok, "puts never succeeded again");
     (start.elapsed(), failures)
 }
+
+/// Waits for every task on `rt` and returns their results, panicking with
+/// the first task's error (and `context`, e.g. the agent's log, if given).
+pub(crate) fn join_all<T, E: std::fmt::Display>(
+    rt: &tokio::runtime::Runtime,
+    tasks: Vec<tokio::task::JoinHandle<Result<T, E>>>,
+    context: &str,
+) -> Vec<T> {
+    tasks
+        .into_iter()
+        .map(|t| {
+            rt.block_on(t)
+                .expect("task")
+                .unwrap_or_else(|e| panic!("{e}{context}"))
+        })
+        .collect()
+}
