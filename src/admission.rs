@@ -4,9 +4,12 @@
 //! connections lock out every peer until they close (issue #15: 1,024 idle
 //! sockets held the agent indefinitely). So, as the metrics endpoint does, a
 //! newcomer at the cap is still admitted when some open connection has never
-//! completed a request: the oldest such one gives way. Only when every open
-//! connection has been served is the newcomer refused. Idle connections are
-//! also closed after `network.idle_timeout` by the server.
+//! completed a request: the oldest such one gives way. When every open
+//! connection has been served, the peer listener refuses the newcomer
+//! ([`WhenAllServed::Refuse`]); the metrics endpoint, whose connections are
+//! short-lived scrapes, closes the oldest instead
+//! ([`WhenAllServed::EvictOldest`]), so a scraper always gets in. Idle
+//! connections are also closed by each server's own timeout.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +17,22 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
+/// What happens to a newcomer at the cap when every open connection has
+/// completed a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenAllServed {
+    /// It is refused (the peer listener: served peers keep their place).
+    Refuse,
+    /// The oldest connection gives way (the metrics endpoint).
+    EvictOldest,
+}
+
 /// The open inbound connections, oldest first.
 pub struct Admission {
-    /// `network.max_connections`.
+    /// The cap (`network.max_connections`, `metrics.max_connections`).
     max: usize,
+    /// The policy when no open connection is evictable.
+    when_all_served: WhenAllServed,
     open: Mutex<Open>,
 }
 
@@ -57,8 +72,14 @@ pub struct Ticket {
 impl Admission {
     /// An empty cap admitting `max` connections at once (`network.max_connections`).
     pub fn new(max: usize) -> Arc<Self> {
+        Self::with_policy(max, WhenAllServed::Refuse)
+    }
+
+    /// An empty cap with the given policy for a cap full of served connections.
+    pub fn with_policy(max: usize, when_all_served: WhenAllServed) -> Arc<Self> {
         Arc::new(Self {
             max,
+            when_all_served,
             open: Mutex::new(Open {
                 next_id: 0,
                 slots: VecDeque::new(),
@@ -74,10 +95,15 @@ impl Admission {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut evicted = false;
         if open.slots.len() >= self.max {
-            let victim = open
+            let unserved = open
                 .slots
                 .iter()
                 .position(|s| !s.served.load(Ordering::Relaxed));
+            let victim = match (unserved, self.when_all_served) {
+                (Some(i), _) => Some(i),
+                (None, WhenAllServed::EvictOldest) => Some(0),
+                (None, WhenAllServed::Refuse) => None,
+            };
             match victim.and_then(|i| open.slots.remove(i)) {
                 Some(v) => {
                     v.evict.cancel();
@@ -105,10 +131,27 @@ impl Admission {
     }
 }
 
+/// Marks a connection served from where the [`Ticket`] cannot go (an HTTP
+/// service closure that must own what it uses).
+#[derive(Clone)]
+pub struct ServedMark(Arc<Slot>);
+
+impl ServedMark {
+    /// The connection completed a request: it is no longer evictable.
+    pub fn served(&self) {
+        self.0.served.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Ticket {
     /// The connection completed a request: it is no longer evictable.
     pub fn served(&self) {
         self.slot.served.store(true, Ordering::Relaxed);
+    }
+
+    /// A handle that marks this connection served.
+    pub fn served_mark(&self) -> ServedMark {
+        ServedMark(Arc::clone(&self.slot))
     }
 
     /// Resolves when the connection must close to make room.
@@ -173,5 +216,21 @@ mod tests {
         drop((c, d, e));
         assert!(admission.open.lock().unwrap().slots.is_empty());
         drop(f);
+    }
+
+    #[test]
+    fn evict_oldest_policy_never_refuses() {
+        let admission = Admission::with_policy(2, WhenAllServed::EvictOldest);
+        let a = ticket(admission.admit());
+        let b = ticket(admission.admit());
+        a.served_mark().served();
+        // b never served: it goes first.
+        let c = ticket(admission.admit());
+        assert!(is_evicted(&b) && !is_evicted(&a));
+        c.served();
+        // All served: the oldest, a, gives way instead of a refusal.
+        let d = ticket(admission.admit());
+        assert!(is_evicted(&a) && !is_evicted(&c));
+        drop((a, b, c, d));
     }
 }

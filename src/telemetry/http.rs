@@ -15,11 +15,9 @@
 //! rules cover every path, `/health` included: whoever may not scrape
 //! learns nothing from this port, not even that the agent is up.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::BasicAuth;
 use super::{Exposition, HttpMetrics};
+use crate::admission::{Admission, Admitted, Ticket, WhenAllServed};
 use crate::config::{HEALTH_PATH, READY_PATH};
 use crate::net::{accept, allowed};
 
@@ -208,86 +207,28 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-/// The connection cap. When it is reached, a new connection is still
-/// admitted and the oldest connection that has not completed a request gives
-/// way (or, if every one has, the oldest). Refusing newcomers instead would
-/// let a few idle connections lock Prometheus out until they time out.
-struct Slots {
-    max: usize,
-    open: Mutex<(u64, VecDeque<Arc<Slot>>)>,
-}
-
-struct Slot {
-    id: u64,
-    served: AtomicBool,
-    evict: CancellationToken,
-}
-
-/// Holds a slot for one connection; gives it back on drop.
-struct SlotGuard {
-    slots: Arc<Slots>,
-    slot: Arc<Slot>,
-}
-
-impl Slots {
-    fn admit(self: &Arc<Self>) -> SlotGuard {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if open.1.len() >= self.max {
-            let victim = open
-                .1
-                .iter()
-                .position(|s| !s.served.load(Ordering::Relaxed))
-                .unwrap_or(0);
-            if let Some(v) = open.1.remove(victim) {
-                v.evict.cancel();
-            }
-        }
-        open.0 += 1;
-        let slot = Arc::new(Slot {
-            id: open.0,
-            served: AtomicBool::new(false),
-            evict: CancellationToken::new(),
-        });
-        open.1.push_back(Arc::clone(&slot));
-        SlotGuard {
-            slots: Arc::clone(self),
-            slot,
-        }
-    }
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = open.1.iter().position(|s| s.id == self.slot.id) {
-            open.1.remove(i);
-        }
-    }
-}
-
 /// Accepts and serves connections until `cancel` fires.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: CancellationToken) {
-    let slots = Arc::new(Slots {
-        max: endpoint.max_connections,
-        open: Mutex::new((0, VecDeque::new())),
-    });
+    let admission = Admission::with_policy(endpoint.max_connections, WhenAllServed::EvictOldest);
     let endpoint = Arc::new(endpoint);
     loop {
         let Some((stream, remote)) = accept(&listener, &cancel, "metrics endpoint").await else {
             return;
         };
-        let guard = slots.admit();
+        let (Admitted::Yes(ticket) | Admitted::Evicting(ticket)) = admission.admit() else {
+            unreachable!("the metrics endpoint's cap evicts instead of refusing")
+        };
         let endpoint = Arc::clone(&endpoint);
         tokio::spawn(async move {
             match &endpoint.tls {
-                None => serve_connection(stream, remote, &endpoint, &guard.slot).await,
+                None => serve_connection(stream, remote, &endpoint, &ticket).await,
                 Some(acceptor) => {
-                    if let Some(tls) = handshake(acceptor, stream, &endpoint, &guard.slot).await {
-                        serve_connection(tls, remote, &endpoint, &guard.slot).await;
+                    if let Some(tls) = handshake(acceptor, stream, &endpoint, &ticket).await {
+                        serve_connection(tls, remote, &endpoint, &ticket).await;
                     }
                 }
             }
-            drop(guard);
+            drop(ticket);
         });
     }
 }
@@ -299,11 +240,11 @@ async fn handshake(
     acceptor: &TlsAcceptor,
     stream: TcpStream,
     endpoint: &Endpoint,
-    slot: &Slot,
+    ticket: &Ticket,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let result = tokio::select! {
         r = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)) => r,
-        _ = slot.evict.cancelled() => return None,
+        _ = ticket.evicted() => return None,
     };
     match result {
         Ok(Ok(tls)) => Some(tls),
@@ -324,15 +265,15 @@ async fn serve_connection<IO>(
     stream: IO,
     remote: SocketAddr,
     endpoint: &Arc<Endpoint>,
-    slot: &Arc<Slot>,
+    ticket: &Ticket,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let allowed = endpoint.allows(remote.ip());
     let ep = Arc::clone(endpoint);
-    let served = Arc::clone(slot);
+    let served = ticket.served_mark();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        served.served.store(true, Ordering::Relaxed);
+        served.served();
         let ep = Arc::clone(&ep);
         async move { Ok::<_, Infallible>(ep.answer(&req, allowed).await) }
     });
@@ -345,7 +286,7 @@ async fn serve_connection<IO>(
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
-        _ = slot.evict.cancelled() => {}
+        _ = ticket.evicted() => {}
         _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
