@@ -9,47 +9,6 @@
 
 use metrics::{KeyName, SharedString, Unit};
 
-/// Gauge: the agent's CPU use over the last window, in percent of one core.
-pub const PROCESS_CPU_USAGE: &str = "process_cpu_usage";
-/// Gauge: the agent's resident set size, in bytes.
-pub const PROCESS_MEMORY_BYTES: &str = "process_memory_bytes";
-/// Gauge: open peer connections, inbound plus outbound.
-pub const AGENT_PEERS_CONNECTED: &str = "agent_peers_connected";
-/// Counter: inbound connections closed at once at `network.max_connections`.
-pub const AGENT_CONNECTIONS_REJECTED_TOTAL: &str = "agent_connections_rejected_total";
-/// Gauge: outbound peers in `network.peers`.
-pub const AGENT_PEERS_CONFIGURED: &str = "agent_peers_configured";
-/// Counter: inbound connections closed before a request was read, by reason.
-pub const AGENT_PEER_CONNECTIONS_DENIED_TOTAL: &str = "agent_peer_connections_denied_total";
-/// Counter: metrics endpoint requests answered 401.
-pub const AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL: &str = "agent_http_requests_unauthorized_total";
-/// Counter: metrics endpoint connections whose TLS handshake failed.
-pub const AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL: &str = "agent_http_tls_handshake_failures_total";
-/// Counter: requests to `metrics.path`, by status code.
-pub const AGENT_METRICS_SCRAPES_TOTAL: &str = "agent_metrics_scrapes_total";
-/// Counter: never-served inbound connections closed to make room at the cap.
-pub const AGENT_CONNECTIONS_EVICTED_TOTAL: &str = "agent_connections_evicted_total";
-/// Counter: inbound connections closed after `network.idle_timeout`.
-pub const AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL: &str = "agent_connections_idle_closed_total";
-/// Counter: messages received from peers, failed ones included.
-pub const MESSAGES_RECEIVED_TOTAL: &str = "messages_received_total";
-/// Counter: messages answered with an error, by reason.
-pub const MESSAGES_FAILED_TOTAL: &str = "messages_failed_total";
-/// Histogram: seconds from a complete message read to its reply ready.
-pub const MESSAGE_PROCESSING_DURATION_SECONDS: &str = "message_processing_duration_seconds";
-/// Counter: storage operations completed, by operation and backend.
-pub const STORAGE_OPERATIONS_TOTAL: &str = "storage_operations_total";
-/// Counter: storage operations that failed, by operation and backend.
-pub const STORAGE_OPERATION_ERRORS_TOTAL: &str = "storage_operation_errors_total";
-/// Histogram: seconds per storage operation, by operation and backend.
-pub const STORAGE_OPERATION_DURATION_SECONDS: &str = "storage_operation_duration_seconds";
-/// Gauge: 1 while the storage backend can serve, 0 when not.
-pub const AGENT_STORAGE_UP: &str = "agent_storage_up";
-/// Counter: panics caught in storage threads.
-pub const AGENT_STORAGE_PANICS_TOTAL: &str = "agent_storage_panics_total";
-/// Gauge: always 1; its `version` label names the running build.
-pub const AGENT_BUILD_INFO: &str = "agent_build_info";
-
 /// Upper bounds in seconds, from a local read (tens of microseconds) to a
 /// Redis timeout (seconds). Explicit buckets make the exporter render real
 /// histograms, which aggregate across agents; without them it renders
@@ -148,197 +107,243 @@ const fn process(
     }
 }
 
-/// Every metric the agent exposes; the one list docs and exporter setup read.
-pub const METRICS: &[MetricDef] = &[
-    agent(
-        PROCESS_CPU_USAGE,
+/// Defines each metric once: its constant (the name call sites record
+/// through) and its entry in [`METRICS`] come from the same line, so the
+/// two cannot drift apart.
+macro_rules! catalog {
+    ($(
+        $(#[$doc:meta])*
+        $konst:ident = $ctor:ident($name:literal $(, $arg:expr)* $(,)?);
+    )*) => {
+        $(
+            $(#[$doc])*
+            pub const $konst: &str = $name;
+        )*
+
+        /// Every metric the agent exposes; the one list docs and exporter
+        /// setup read.
+        pub const METRICS: &[MetricDef] = &[$($ctor($konst $(, $arg)*)),*];
+    };
+}
+
+catalog! {
+    /// Gauge: the agent's CPU use over the last window, in percent of one core.
+    PROCESS_CPU_USAGE = agent(
+        "process_cpu_usage",
         Kind::Gauge,
         Some(Unit::Percent),
         "CPU used by the agent over the last sampling interval, in percent of one core.",
         &[],
-    ),
-    agent(
-        PROCESS_MEMORY_BYTES,
+    );
+    /// Gauge: the agent's resident set size, in bytes.
+    PROCESS_MEMORY_BYTES = agent(
+        "process_memory_bytes",
         Kind::Gauge,
         Some(Unit::Bytes),
         "Resident set size of the agent, in bytes.",
         &[],
-    ),
-    agent(
-        AGENT_PEERS_CONNECTED,
+    );
+    /// Gauge: open peer connections, inbound plus outbound.
+    AGENT_PEERS_CONNECTED = agent(
+        "agent_peers_connected",
         Kind::Gauge,
         Some(Unit::Count),
         "Open peer connections, inbound plus outbound.",
         &[],
-    ),
-    agent(
-        AGENT_PEERS_CONFIGURED,
+    );
+    /// Gauge: outbound peers in `network.peers`.
+    AGENT_PEERS_CONFIGURED = agent(
+        "agent_peers_configured",
         Kind::Gauge,
         Some(Unit::Count),
         "Outbound peers in network.peers: where AgentNoPeers expects connections.",
         &[],
-    ),
-    agent(
-        AGENT_CONNECTIONS_REJECTED_TOTAL,
+    );
+    /// Counter: inbound connections closed at once at `network.max_connections`.
+    AGENT_CONNECTIONS_REJECTED_TOTAL = agent(
+        "agent_connections_rejected_total",
         Kind::Counter,
         Some(Unit::Count),
         "Inbound peer connections closed at once because network.max_connections was reached.",
         &[],
-    ),
-    agent(
-        AGENT_PEER_CONNECTIONS_DENIED_TOTAL,
+    );
+    /// Counter: inbound connections closed before a request was read, by reason.
+    AGENT_PEER_CONNECTIONS_DENIED_TOTAL = agent(
+        "agent_peer_connections_denied_total",
         Kind::Counter,
         Some(Unit::Count),
         "Inbound peer connections closed before any request was read: outside network.allowed_networks, or a failed TLS handshake, by reason.",
         &["reason"],
-    ),
-    agent(
-        AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL,
+    );
+    /// Counter: metrics endpoint requests answered 401.
+    AGENT_HTTP_REQUESTS_UNAUTHORIZED_TOTAL = agent(
+        "agent_http_requests_unauthorized_total",
         Kind::Counter,
         Some(Unit::Count),
         "Requests to the metrics endpoint answered 401: a missing, unknown or wrong basic-auth credential.",
         &[],
-    ),
-    agent(
-        AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL,
+    );
+    /// Counter: metrics endpoint connections whose TLS handshake failed.
+    AGENT_HTTP_TLS_HANDSHAKE_FAILURES_TOTAL = agent(
+        "agent_http_tls_handshake_failures_total",
         Kind::Counter,
         Some(Unit::Count),
         "Connections to the metrics endpoint closed because the TLS handshake failed or timed out.",
         &[],
-    ),
-    agent(
-        AGENT_METRICS_SCRAPES_TOTAL,
+    );
+    /// Counter: requests to `metrics.path`, by status code.
+    AGENT_METRICS_SCRAPES_TOTAL = agent(
+        "agent_metrics_scrapes_total",
         Kind::Counter,
         Some(Unit::Count),
         "Requests to metrics.path, by HTTP status code; a served scrape counts itself.",
         &["code"],
-    ),
-    agent(
-        AGENT_CONNECTIONS_EVICTED_TOTAL,
+    );
+    /// Counter: never-served inbound connections closed to make room at the cap.
+    AGENT_CONNECTIONS_EVICTED_TOTAL = agent(
+        "agent_connections_evicted_total",
         Kind::Counter,
         Some(Unit::Count),
         "Inbound peer connections that had never completed a request, closed at network.max_connections to make room for a new one.",
         &[],
-    ),
-    agent(
-        AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL,
+    );
+    /// Counter: inbound connections closed after `network.idle_timeout`.
+    AGENT_CONNECTIONS_IDLE_CLOSED_TOTAL = agent(
+        "agent_connections_idle_closed_total",
         Kind::Counter,
         Some(Unit::Count),
         "Inbound peer connections closed because no complete request arrived within network.idle_timeout.",
         &[],
-    ),
-    agent(
-        MESSAGES_RECEIVED_TOTAL,
+    );
+    /// Counter: messages received from peers, failed ones included.
+    MESSAGES_RECEIVED_TOTAL = agent(
+        "messages_received_total",
         Kind::Counter,
         Some(Unit::Count),
         "Messages received from peers, including those answered with an error.",
         &[],
-    ),
-    agent(
-        MESSAGES_FAILED_TOTAL,
+    );
+    /// Counter: messages answered with an error, by reason.
+    MESSAGES_FAILED_TOTAL = agent(
+        "messages_failed_total",
         Kind::Counter,
         Some(Unit::Count),
         "Messages answered with an error, by reason.",
         &["reason"],
-    ),
-    agent(
-        MESSAGE_PROCESSING_DURATION_SECONDS,
+    );
+    /// Histogram: seconds from a complete message read to its reply ready.
+    MESSAGE_PROCESSING_DURATION_SECONDS = agent(
+        "message_processing_duration_seconds",
         Kind::Histogram,
         Some(Unit::Seconds),
         "Time from a complete message read to its reply ready.",
         &[],
-    ),
-    agent(
-        STORAGE_OPERATIONS_TOTAL,
+    );
+    /// Counter: storage operations completed, by operation and backend.
+    STORAGE_OPERATIONS_TOTAL = agent(
+        "storage_operations_total",
         Kind::Counter,
         Some(Unit::Count),
         "Storage operations completed, successful or not.",
         &["operation", "backend"],
-    ),
-    agent(
-        STORAGE_OPERATION_ERRORS_TOTAL,
+    );
+    /// Counter: storage operations that failed, by operation and backend.
+    STORAGE_OPERATION_ERRORS_TOTAL = agent(
+        "storage_operation_errors_total",
         Kind::Counter,
         Some(Unit::Count),
         "Storage operations that failed.",
         &["operation", "backend"],
-    ),
-    agent(
-        STORAGE_OPERATION_DURATION_SECONDS,
+    );
+    /// Histogram: seconds per storage operation, by operation and backend.
+    STORAGE_OPERATION_DURATION_SECONDS = agent(
+        "storage_operation_duration_seconds",
         Kind::Histogram,
         Some(Unit::Seconds),
         "Duration of each storage operation.",
         &["operation", "backend"],
-    ),
-    agent(
-        AGENT_STORAGE_UP,
+    );
+    /// Gauge: 1 while the storage backend can serve, 0 when not.
+    AGENT_STORAGE_UP = agent(
+        "agent_storage_up",
         Kind::Gauge,
         None,
         "1 when the storage backend can serve requests, 0 when it cannot; /ready says why.",
         &["backend"],
-    ),
-    agent(
-        AGENT_STORAGE_PANICS_TOTAL,
+    );
+    /// Counter: panics caught in storage threads.
+    AGENT_STORAGE_PANICS_TOTAL = agent(
+        "agent_storage_panics_total",
         Kind::Counter,
         Some(Unit::Count),
         "Panics caught in storage threads; the local store refuses service after one.",
         &["backend"],
-    ),
-    agent(
-        AGENT_BUILD_INFO,
+    );
+    /// Gauge: always 1; its `version` label names the running build.
+    AGENT_BUILD_INFO = agent(
+        "agent_build_info",
         Kind::Gauge,
         None,
         "Always 1; the version label names the running build.",
         &["version"],
-    ),
-    process(
+    );
+    /// Counter: user plus system CPU seconds, to clock-tick resolution.
+    PROCESS_CPU_SECONDS_TOTAL = process(
         "process_cpu_seconds_total",
         Kind::Counter,
         Some(Unit::Seconds),
         "Total user and system CPU time spent in seconds.",
-    ),
-    process(
+    );
+    /// Gauge: resident memory, in bytes.
+    PROCESS_RESIDENT_MEMORY_BYTES = process(
         "process_resident_memory_bytes",
         Kind::Gauge,
         Some(Unit::Bytes),
         "Resident memory size in bytes.",
-    ),
-    process(
+    );
+    /// Gauge: virtual memory, in bytes.
+    PROCESS_VIRTUAL_MEMORY_BYTES = process(
         "process_virtual_memory_bytes",
         Kind::Gauge,
         Some(Unit::Bytes),
         "Virtual memory size in bytes.",
-    ),
-    process(
+    );
+    /// Gauge: the address-space limit, in bytes (about 1.8e19 when unlimited).
+    PROCESS_VIRTUAL_MEMORY_MAX_BYTES = process(
         "process_virtual_memory_max_bytes",
         Kind::Gauge,
         Some(Unit::Bytes),
         "Maximum amount of virtual memory available in bytes.",
-    ),
-    process(
+    );
+    /// Gauge: open file descriptors.
+    PROCESS_OPEN_FDS = process(
         "process_open_fds",
         Kind::Gauge,
         Some(Unit::Count),
         "Number of open file descriptors.",
-    ),
-    process(
+    );
+    /// Gauge: the file descriptor limit.
+    PROCESS_MAX_FDS = process(
         "process_max_fds",
         Kind::Gauge,
         Some(Unit::Count),
         "Maximum number of open file descriptors.",
-    ),
-    process(
+    );
+    /// Gauge: when the process started, in seconds since the Unix epoch.
+    PROCESS_START_TIME_SECONDS = process(
         "process_start_time_seconds",
         Kind::Gauge,
         Some(Unit::Seconds),
         "Start time of the process since unix epoch in seconds.",
-    ),
-    process(
+    );
+    /// Gauge: OS threads in the process.
+    PROCESS_THREADS = process(
         "process_threads",
         Kind::Gauge,
         Some(Unit::Count),
         "Number of OS threads in the process.",
-    ),
-];
+    );
+}
 
 /// The definition of `name`; panics on a name not in [`METRICS`] (a
 /// programming error the catalog tests would catch first).

@@ -19,7 +19,7 @@ use metrics::Gauge;
 use metrics_exporter_prometheus::formatting::write_metric_line;
 use tokio_util::sync::CancellationToken;
 
-use super::defs::{METRICS, PROCESS_CPU_USAGE, PROCESS_MEMORY_BYTES};
+use super::defs::*;
 use super::recorder::{family_header, label_set};
 
 /// `process_cpu_usage`: CPU time over wall time since the previous refresh.
@@ -122,14 +122,14 @@ impl ProcessStats {
 
     fn by_name(&self) -> [(&'static str, Option<f64>); 8] {
         [
-            ("process_cpu_seconds_total", self.cpu_seconds),
-            ("process_resident_memory_bytes", self.resident_bytes),
-            ("process_virtual_memory_bytes", self.virtual_bytes),
-            ("process_virtual_memory_max_bytes", self.virtual_max_bytes),
-            ("process_open_fds", self.open_fds),
-            ("process_max_fds", self.max_fds),
-            ("process_start_time_seconds", self.start_time_seconds),
-            ("process_threads", self.threads),
+            (PROCESS_CPU_SECONDS_TOTAL, self.cpu_seconds),
+            (PROCESS_RESIDENT_MEMORY_BYTES, self.resident_bytes),
+            (PROCESS_VIRTUAL_MEMORY_BYTES, self.virtual_bytes),
+            (PROCESS_VIRTUAL_MEMORY_MAX_BYTES, self.virtual_max_bytes),
+            (PROCESS_OPEN_FDS, self.open_fds),
+            (PROCESS_MAX_FDS, self.max_fds),
+            (PROCESS_START_TIME_SECONDS, self.start_time_seconds),
+            (PROCESS_THREADS, self.threads),
         ]
     }
 }
