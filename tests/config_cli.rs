@@ -11,26 +11,6 @@ use std::time::Duration;
 use agent::config::{BackendKind, Config};
 use common::*;
 
-/// Asserts a configuration failure: exit 2, nothing on stdout, and exactly
-/// one stderr line that names `needle`, without panic or backtrace text.
-fn assert_config_error(what: &str, (code, stdout, stderr): (i32, String, String), needle: &str) {
-    assert_eq!(code, 2, "{what}: exit code; stderr:\n{stderr}");
-    assert_eq!(stdout, "", "{what}: stdout");
-    assert_eq!(stderr.lines().count(), 1, "{what}: one line:\n{stderr}");
-    assert!(stderr.ends_with('\n'), "{what}: {stderr:?}");
-    assert!(
-        stderr.starts_with("agent: invalid configuration: "),
-        "{what}: {stderr}"
-    );
-    assert!(
-        stderr.contains(needle),
-        "{what}: {needle:?} not named in: {stderr}"
-    );
-    for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
-        assert!(!stderr.contains(bad), "{what}: {bad} in: {stderr}");
-    }
-}
-
 /// (YAML, the key the error must name).
 const BAD_FILES: &[(&str, &str)] = &[
     ("metrics:\n  port: 70000\n", "metrics.port: "),
@@ -98,7 +78,7 @@ fn invalid_config_file_exits_2_naming_the_key() {
             &["-c", "f.yaml", "run"],
         ] {
             let what = format!("{yaml:?} with {args:?}");
-            assert_config_error(&what, run_agent(dir.path(), args, &[]), key);
+            assert_config_error(&what, run_agent(dir.path(), args, &[]), &[key]);
         }
     }
 }
@@ -120,7 +100,7 @@ fn unparsable_config_file_exits_2_naming_the_file() {
             assert_config_error(
                 &format!("{yaml:?}"),
                 run_agent(dir.path(), args, &[]),
-                "broken.yaml",
+                &["broken.yaml"],
             );
         }
     }
@@ -157,7 +137,7 @@ fn invalid_environment_exits_2_naming_the_key() {
     for (var, value, key) in cases {
         for args in [&["check-config"][..], &[]] {
             let what = format!("{var}={value} with {args:?}");
-            assert_config_error(&what, run_agent(dir.path(), args, &[(var, value)]), key);
+            assert_config_error(&what, run_agent(dir.path(), args, &[(var, value)]), &[key]);
         }
     }
     // The environment is checked even when the file is fine.
@@ -169,7 +149,7 @@ fn invalid_environment_exits_2_naming_the_key() {
             &["-c", "ok.yaml", "check-config"],
             &[("AGENT_METRICS__PORT", "0")],
         ),
-        "metrics.port: ",
+        &["metrics.port: "],
     );
 }
 
@@ -184,14 +164,14 @@ fn missing_config_file_exits_2_naming_the_path() {
         assert_config_error(
             &format!("{args:?}"),
             run_agent(dir.path(), args, &[]),
-            "/nonexistent/agent.yaml",
+            &["/nonexistent/agent.yaml"],
         );
     }
     // Relative to the working directory, as given.
     assert_config_error(
         "relative",
         run_agent(dir.path(), &["-c", "missing.yaml", "check-config"], &[]),
-        "cannot read config file missing.yaml",
+        &["cannot read config file missing.yaml"],
     );
 }
 
@@ -292,7 +272,7 @@ fn check_config_defaults_and_the_default_file() {
     assert_config_error(
         "./agent.yaml",
         run_agent(dir.path(), &["check-config"], &[]),
-        "metrics.port: ",
+        &["metrics.port: "],
     );
 }
 

@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use agent::telemetry::defs::LATENCY_BUCKETS;
@@ -16,11 +15,6 @@ use common::*;
 
 const TABLE_HEADER: [&str; 5] = ["Metric", "Type", "Unit", "Labels", "Meaning"];
 const BUCKETS_PREFIX: &str = "Buckets: ";
-
-fn read_doc() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
 
 /// One row of the metrics table.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,13 +198,16 @@ fn promql_examples(doc: &str) -> Vec<String> {
 
 #[test]
 fn docs_match_metric_definitions() {
-    let problems = check(&read_doc());
+    let problems = check(&read_doc("metrics.md"));
     assert!(
         problems.is_empty(),
         "docs/metrics.md disagrees with METRICS:\n  {}",
         problems.join("\n  ")
     );
-    assert_eq!(parse_table(&read_doc()).unwrap().len(), METRICS.len());
+    assert_eq!(
+        parse_table(&read_doc("metrics.md")).unwrap().len(),
+        METRICS.len()
+    );
 }
 
 #[test]
@@ -223,7 +220,7 @@ fn every_histogram_has_explicit_buckets() {
 /// The checker itself: each kind of disagreement is caught.
 #[test]
 fn checker_catches_every_kind_of_disagreement() {
-    let doc = read_doc();
+    let doc = read_doc("metrics.md");
     let row = |name: &str| {
         doc.lines()
             .find(|l| l.starts_with(&format!("| `{name}` |")))
@@ -296,7 +293,7 @@ fn checker_catches_every_kind_of_disagreement() {
 
 #[test]
 fn promql_examples_use_only_defined_metrics() {
-    let examples = promql_examples(&read_doc());
+    let examples = promql_examples(&read_doc("metrics.md"));
     assert!(
         examples.len() >= 10,
         "expected the PromQL examples, found {}",
@@ -339,7 +336,7 @@ fn promql_examples_parse() {
     let Some(promtool) = require_bin("promtool") else {
         return;
     };
-    let examples = promql_examples(&read_doc());
+    let examples = promql_examples(&read_doc("metrics.md"));
     let mut rules = String::from("groups:\n  - name: docs_metrics_md\n    rules:\n");
     for (i, expr) in examples.iter().enumerate() {
         rules.push_str(&format!(

@@ -10,11 +10,6 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-fn read_doc(name: &str) -> String {
-    let path = docs_dir().join(name);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
 fn yaml(text: &str) -> serde_yaml::Value {
     serde_yaml::from_str(text).expect("valid YAML")
 }

@@ -471,17 +471,10 @@ fn check_config(
     run_agent(dir, &["check-config"], &env)
 }
 
-/// Asserts exit 2 with one stderr line naming `key`, without `secret`.
-fn assert_config_error((code, stdout, stderr): (i32, String, String), key: &str, secret: &str) {
-    assert_eq!(code, 2, "{stderr}");
-    assert_eq!(stdout, "");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with(&format!("agent: invalid configuration: {key}: ")),
-        "{key} in {stderr}"
-    );
-    assert!(!stderr.contains(secret), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
+/// A configuration error whose line starts with `key` and never shows `secret`.
+fn assert_key_error(out: (i32, String, String), key: &str, secret: &str) {
+    let line = assert_config_error(key, out, &[&format!("invalid configuration: {key}: ")]);
+    assert!(!line.contains(secret), "{line}");
 }
 
 #[test]
@@ -502,32 +495,32 @@ fn check_config_validates_node_urls_and_redacts_their_passwords() {
     }
 
     let bad = |i: usize| format!("storage.redis_cluster.nodes[{i}]");
-    assert_config_error(
+    assert_key_error(
         check_config(d, "[redis://127.0.0.1:7000,bogus://:hunter2@x]", &[]),
         &bad(1),
         "hunter2",
     );
-    assert_config_error(
+    assert_key_error(
         check_config(d, "[redis+unix:///run/redis.sock?pass=hunter2]", &[]),
         &bad(0),
         "hunter2",
     );
-    assert_config_error(
+    assert_key_error(
         check_config(d, "[redis://:hunter2@127.0.0.1:7000/1]", &[]),
         &bad(0),
         "hunter2",
     );
-    assert_config_error(
+    assert_key_error(
         check_config(d, "[redis://:hunter2@h:1,redis://:other@h:2]", &[]),
         "storage.redis_cluster.nodes",
         "hunter2",
     );
-    assert_config_error(
+    assert_key_error(
         check_config(d, "[]", &[]),
         "storage.redis_cluster.nodes",
         "-",
     );
-    assert_config_error(
+    assert_key_error(
         check_config(
             d,
             "[redis://h:1]",
@@ -545,7 +538,7 @@ fn check_config_validates_node_urls_and_redacts_their_passwords() {
     let (code, stdout, stderr) = check_config(d, "[redis://127.0.0.1:7000]", &with_file);
     assert_eq!(code, 0, "{stderr}");
     assert!(!stdout.contains("hunter2"), "{stdout}");
-    assert_config_error(
+    assert_key_error(
         check_config(
             d,
             "[redis://127.0.0.1:7000,redis://:x@127.0.0.1:7001]",
@@ -555,7 +548,7 @@ fn check_config_validates_node_urls_and_redacts_their_passwords() {
         "hunter2",
     );
     std::fs::write(d.join("empty.pw"), "\n").unwrap();
-    assert_config_error(
+    assert_key_error(
         check_config(
             d,
             "[redis://127.0.0.1:7000]",

@@ -341,3 +341,32 @@ pub fn wait_for_value(agent: &Agent, name: &str, labels: &[(&str, &str)], want: 
         agent.log()
     );
 }
+
+/// Asserts a configuration failure as operators must see it: exit 2,
+/// nothing on stdout, and exactly one stderr line, `agent: invalid
+/// configuration: ...`, naming every needle, without panic or backtrace
+/// text. Returns that line.
+pub fn assert_config_error(
+    what: &str,
+    (code, stdout, stderr): (i32, String, String),
+    needles: &[&str],
+) -> String {
+    assert_eq!(code, 2, "{what}: exit code; stderr:\n{stderr}");
+    assert_eq!(stdout, "", "{what}: stdout");
+    assert_eq!(stderr.lines().count(), 1, "{what}: one line:\n{stderr}");
+    assert!(stderr.ends_with('\n'), "{what}: {stderr:?}");
+    assert!(
+        stderr.starts_with("agent: invalid configuration: "),
+        "{what}: {stderr}"
+    );
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "{what}: {needle:?} not named in: {stderr}"
+        );
+    }
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+        assert!(!stderr.contains(bad), "{what}: {bad} in: {stderr}");
+    }
+    stderr
+}

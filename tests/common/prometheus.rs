@@ -254,6 +254,12 @@ pub fn docs_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("docs")
 }
 
+/// The text of `docs/<name>`.
+pub fn read_doc(name: &str) -> String {
+    let path = docs_dir().join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
 /// Runs `promtool` with `args` in `dir`: (success, stdout and stderr).
 pub fn run_promtool(promtool: &Path, dir: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(promtool)
