@@ -14,7 +14,8 @@ use tokio_util::task::TaskTracker;
 use crate::budget::Budget;
 use crate::config::{Config, Resolved};
 use crate::handler::Handler;
-use crate::peers::{self, DialPolicy, Peers};
+use crate::outbound::{self, DialPolicy};
+use crate::peers::Peers;
 use crate::reload::{changed_keys, Reload, LIVE_KEYS};
 use crate::server::{PeerTlsAcceptor, Server};
 use crate::storage::{AnyBackend, Instrumented, Storage, StorageError};
@@ -179,7 +180,7 @@ impl Live {
                 continue;
             }
             let token = self.cancel.child_token();
-            self.tracker.spawn(peers::maintain(
+            self.tracker.spawn(outbound::maintain(
                 addr.clone(),
                 self.policy.clone(),
                 self.peers.clone(),

@@ -7,8 +7,9 @@
 //! - [`server`], [`connection`], [`handler`], [`protocol`]: the peer protocol
 //!   from socket to reply; [`admission`]: the connection cap; [`budget`]:
 //!   memory for large messages, shared by all connections.
-//! - [`peers`]: peer accounting and outbound peers; `peer_text`: peer bytes
-//!   in logs, escaped, truncated and throttled.
+//! - [`peers`]: peer accounting; [`outbound`]: dialling and pinging the
+//!   configured peers; `peer_text`: peer bytes in logs, escaped, truncated
+//!   and throttled.
 //! - [`storage`]: the `Storage` trait, its backends and the metrics wrapper.
 //! - [`telemetry`]: every metric's definition, exporter setup, `/metrics`.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod connection;
 pub mod handler;
 pub(crate) mod net;
+pub mod outbound;
 pub(crate) mod peer_text;
 pub mod peers;
 pub mod protocol;
