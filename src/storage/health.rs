@@ -39,7 +39,10 @@ struct State {
     observer: Option<Arc<dyn HealthObserver>>,
 }
 
-/// What `Health` knows.
+/// What `Health` knows. The reasons are text on purpose: each is one
+/// sentence for operators (the `/ready` body, a log field, the reason a
+/// refused peer is given), which a backend may compose from several causes;
+/// nothing branches on them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Condition {
     Up,

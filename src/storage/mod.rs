@@ -14,10 +14,11 @@ mod redis;
 mod redis_cluster;
 
 use std::future::Future;
+use std::sync::Arc;
 
 pub use self::health::{Health, HealthObserver};
 pub use self::instrumented::Instrumented;
-pub use self::local::LocalStore;
+pub use self::local::{DatabaseFault, FileError, LocalStore, OpenError};
 pub use self::redis::RedisStore;
 pub use self::redis_cluster::RedisClusterStore;
 
@@ -40,23 +41,29 @@ pub enum StorageError {
     #[error("storage unavailable: bad Redis URL: {0}")]
     RedisConfig(#[source] ::redis::RedisError),
     /// The local store refuses requests for now; the reason is the one
-    /// `/ready` gives (a full disk, a deleted or damaged file).
+    /// `/ready` gives (a full disk, a deleted or damaged file). Text, not a
+    /// typed cause: it is the sentence [`Health`] holds for operators,
+    /// composed from whatever put the store down (a write error and a
+    /// failed reopen together, a panicked thread, a deleted file), and the
+    /// peer is told exactly that sentence. The request that met a database
+    /// error got it typed, as [`StorageError::Database`].
     #[error("storage unavailable: {0}")]
     Refused(String),
-    /// The local database failed this operation; redb's error as text, as
-    /// one failure answers every request of its batch.
+    /// The local database failed this operation. Shared, as one failure
+    /// answers every request of its batch; so the error's `source()` is the
+    /// `Arc<DatabaseFault>` (whose own `source()` is redb's error).
     #[error("storage failed: {0}")]
-    Database(String),
+    Database(#[source] Arc<DatabaseFault>),
     /// The local store's threads have stopped (the agent is shutting down).
     #[error("storage unavailable: database is closed")]
     Closed,
     /// The local storage thread serving this request panicked.
     #[error("storage failed: the storage thread serving this request panicked")]
     Panicked,
-    /// The store could not be opened at startup; the text names the file or
-    /// URL and the cause, and is the whole line the operator sees.
+    /// The local store could not be opened at startup; the text names the
+    /// file and the cause, and is the whole line the operator sees.
     #[error("{0}")]
-    Open(String),
+    Open(#[from] OpenError),
 }
 
 /// An async key-value store. Keys are 1 to 1024 bytes of UTF-8 (the protocol

@@ -142,8 +142,9 @@ fn unreachable(e: &StorageError) -> String {
 
 /// Checks the store's health every [`PROBE_INTERVAL`] until cancelled:
 /// up exactly when the last check passed (or an operation failed since).
-/// `check` gives the reason `/ready` shows when it fails. Shared by the
-/// Redis backends, which differ only in what they ask.
+/// `check` gives the reason `/ready` shows when it fails: text, since it
+/// goes nowhere but [`Health`], whose reasons are sentences for operators.
+/// Shared by the Redis backends, which differ only in what they ask.
 pub(super) async fn probe<F, Fut>(check: F, health: Health, cancel: CancellationToken)
 where
     F: Fn() -> Fut,

@@ -121,7 +121,8 @@ impl RedisClusterStore {
     }
 }
 
-/// `Ok` when a node reports `cluster_state:ok`; else the reason.
+/// `Ok` when a node reports `cluster_state:ok`; else the reason `/ready`
+/// gives (text: it is only ever a [`Health`] reason and a log field).
 async fn cluster_state(conn: &ClusterConnection, timeout: Duration) -> Result<(), String> {
     let mut conn = conn.clone();
     let info = bounded(timeout, async move {

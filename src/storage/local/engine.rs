@@ -21,13 +21,14 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::super::{Health, StorageError};
+use super::error::DatabaseFault;
 use super::file::{self, FileId, Opened};
 use super::queue::Reply;
 use crate::config::BackendKind;
@@ -81,7 +82,7 @@ enum Mode {
 /// Writes failed; when to try again.
 struct Retry {
     /// The error that stopped writes.
-    cause: String,
+    cause: Arc<DatabaseFault>,
     /// The filesystem was full: retry only once it has room again.
     no_space: bool,
     /// Not before this.
@@ -91,7 +92,7 @@ struct Retry {
     /// The handle must be replaced (redb refuses every write, and every
     /// uncached read, on a handle that met an I/O error): when to try, and
     /// why the last try failed.
-    reopen: Option<(Instant, Option<String>)>,
+    reopen: Option<(Instant, Option<Arc<DatabaseFault>>)>,
 }
 
 impl Retry {
@@ -135,29 +136,28 @@ impl Retry {
     }
 }
 
-/// What went wrong with the database.
+/// What went wrong with the database, and what the store does about it.
+/// The cause is shared: one fault answers every request of a batch.
 #[derive(Clone)]
 enum Fault {
     /// The filesystem is full.
-    NoSpace(String),
+    NoSpace(Arc<DatabaseFault>),
     /// Any other failure a reopen may clear (I/O errors in particular).
-    Transient(String),
+    Transient(Arc<DatabaseFault>),
     /// The file is damaged: serving from it again could return wrong values.
-    Damaged(String),
+    Damaged(Arc<DatabaseFault>),
     /// The path no longer names the file the store has open.
     Gone,
 }
 
 fn fault(e: impl Into<redb::Error>) -> Fault {
-    match e.into() {
-        redb::Error::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-            Fault::NoSpace(format!("I/O error: {e}"))
-        }
-        e @ (redb::Error::Corrupted(_) | redb::Error::LockPoisoned(_)) => {
-            Fault::Damaged(e.to_string())
-        }
-        e => Fault::Transient(e.to_string()),
-    }
+    let e = e.into();
+    let kind = match &e {
+        redb::Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => Fault::NoSpace,
+        redb::Error::Corrupted(_) | redb::Error::LockPoisoned(_) => Fault::Damaged,
+        _ => Fault::Transient,
+    };
+    kind(Arc::new(DatabaseFault::Redb(e)))
 }
 
 /// The local store's shared state.
@@ -199,13 +199,14 @@ impl Engine {
         self.mode.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The error for a request the store will not serve now.
+    /// The error for a request the store will not serve now: the reason
+    /// `/ready` gives, so the peer and the operator read the same words.
     fn refusal(&self) -> StorageError {
         StorageError::Refused(
             self.health
                 .readiness()
                 .err()
-                .unwrap_or_else(|| "local database is not open".to_string()),
+                .unwrap_or_else(|| DatabaseFault::NotOpen.to_string()),
         )
     }
 
@@ -226,7 +227,7 @@ impl Engine {
             let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
             match db.as_ref() {
                 Some(db) => commit(db, batch),
-                None => Err(Fault::Transient("local database is not open".into())),
+                None => Err(Fault::Transient(Arc::new(DatabaseFault::NotOpen))),
             }
         };
         match committed {
@@ -313,7 +314,7 @@ impl Engine {
     fn error_for(&self, f: &Fault) -> StorageError {
         match f {
             Fault::NoSpace(e) | Fault::Transient(e) | Fault::Damaged(e) => {
-                StorageError::Database(e.clone())
+                StorageError::Database(Arc::clone(e))
             }
             Fault::Gone => self.refusal(),
         }
@@ -443,8 +444,8 @@ impl Engine {
                 close_quietly(opened.db);
                 Err(Fault::Gone)
             }
-            Err(e) if e.damaged => Err(Fault::Damaged(e.message)),
-            Err(e) => Err(Fault::Transient(e.message)),
+            Err(e) if e.damaged() => Err(Fault::Damaged(Arc::new(DatabaseFault::Reopen(e)))),
+            Err(e) => Err(Fault::Transient(Arc::new(DatabaseFault::Reopen(e)))),
         }
     }
 
@@ -523,4 +524,75 @@ fn commit(db: &Database, batch: &[WriteRequest]) -> Result<Vec<bool>, Fault> {
     }
     txn.commit().map_err(fault)?;
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::error::FileError;
+    use super::*;
+
+    fn cause(f: &Fault) -> &DatabaseFault {
+        match f {
+            Fault::NoSpace(e) | Fault::Transient(e) | Fault::Damaged(e) => e,
+            Fault::Gone => panic!("no cause"),
+        }
+    }
+
+    /// redb's errors are sorted into what the store does about them, and
+    /// the cause reads as redb's own text, as it did when it was a string.
+    #[test]
+    fn faults_keep_redb_errors_and_their_text() {
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let before = format!("I/O error: {full}");
+        let f = fault(redb::Error::Io(full));
+        assert!(matches!(f, Fault::NoSpace(_)));
+        assert_eq!(cause(&f).to_string(), before);
+        assert!(matches!(
+            cause(&f),
+            DatabaseFault::Redb(redb::Error::Io(e)) if e.raw_os_error() == Some(libc::ENOSPC)
+        ));
+
+        let f = fault(redb::StorageError::Corrupted("bad page".into()));
+        assert!(matches!(f, Fault::Damaged(_)));
+        assert_eq!(cause(&f).to_string(), "DB corrupted: bad page");
+
+        let f = fault(redb::Error::PreviousIo);
+        assert!(matches!(f, Fault::Transient(_)));
+        assert_eq!(
+            cause(&f).to_string(),
+            "Previous I/O error occurred. Please close and re-open the database."
+        );
+    }
+
+    /// The `/ready` reasons built from typed causes read as before.
+    #[test]
+    fn retry_reasons_quote_the_causes() {
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let Fault::NoSpace(cause) = fault(redb::Error::Io(full)) else {
+            panic!("not a full disk");
+        };
+        let mut retry = Retry {
+            cause,
+            no_space: true,
+            at: Instant::now(),
+            backoff: FIRST_RETRY,
+            reopen: None,
+        };
+        assert_eq!(
+            retry.reason(),
+            "local database cannot write (I/O error: No space left on device (os error 28)); \
+             retrying once 1 MiB is free on its filesystem"
+        );
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        retry.reopen = Some((
+            Instant::now(),
+            Some(Arc::new(DatabaseFault::Reopen(FileError::Open(denied)))),
+        ));
+        assert_eq!(
+            retry.reason(),
+            "local database cannot write (I/O error: No space left on device (os error 28)) \
+             and cannot be reopened (cannot be opened: Permission denied (os error 13)); \
+             reads and writes are refused, retrying with backoff"
+        );
+    }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, TableDefinition};
 
-use super::super::StorageError;
+use super::error::{FileError, OpenError};
 use super::queue::panic_message;
 
 /// Device and inode: what a path names. The agent holds the file open, so
@@ -43,8 +43,11 @@ pub(super) struct Opened {
     pub id: FileId,
 }
 
-fn open_err(path: &Path, what: impl std::fmt::Display) -> StorageError {
-    StorageError::Open(format!("database file {}: {what}", path.display()))
+fn file_err(path: &Path, error: FileError) -> OpenError {
+    OpenError::File {
+        path: path.to_path_buf(),
+        error,
+    }
 }
 
 /// Opens the database at `path`. An existing file must be a redb database:
@@ -55,21 +58,15 @@ fn open_err(path: &Path, what: impl std::fmt::Display) -> StorageError {
 pub(super) fn open_or_create(
     path: &Path,
     table: TableDefinition<&str, &str>,
-) -> Result<Opened, StorageError> {
+) -> Result<Opened, OpenError> {
     match std::fs::metadata(path) {
-        Ok(meta) if !meta.is_file() => return Err(open_err(path, "is not a regular file")),
-        Ok(meta) if meta.len() == 0 => {
-            return Err(open_err(
-                path,
-                "is empty, not a redb database; refusing to start with an empty store \
-                 (a new database is created only where no file exists: move the file away to start afresh)",
-            ))
-        }
+        Ok(meta) if !meta.is_file() => return Err(file_err(path, FileError::NotRegularFile)),
+        Ok(meta) if meta.len() == 0 => return Err(file_err(path, FileError::Empty)),
         Ok(_) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => create(path, table)?,
-        Err(e) => return Err(open_err(path, e)),
+        Err(e) => return Err(file_err(path, FileError::PathMetadata(e))),
     }
-    let opened = open_existing(path).map_err(|e| open_err(path, e))?;
+    let opened = open_existing(path).map_err(|e| file_err(path, e))?;
     // Create the table up front so readers never see it missing.
     let ensure = || -> Result<(), redb::Error> {
         let txn = opened.db.begin_write()?;
@@ -77,90 +74,56 @@ pub(super) fn open_or_create(
         txn.commit()?;
         Ok(())
     };
-    ensure().map_err(|e| open_err(path, e))?;
+    ensure().map_err(|e| file_err(path, FileError::CreateTable(e)))?;
     Ok(opened)
-}
-
-/// Why [`open_existing`] failed.
-pub(super) struct OpenError {
-    /// The file is damaged (redb found corruption, or panicked on it):
-    /// reopening it again would not help.
-    pub damaged: bool,
-    /// Completes "database file <path> ..." (lowercase, no path).
-    pub message: String,
-}
-
-impl std::fmt::Display for OpenError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
 }
 
 /// Opens the existing database at `path` (also used to reopen it after a
 /// write error). A panic inside redb, which a damaged file can cause, is an
 /// error here, not a crash.
-pub(super) fn open_existing(path: &Path) -> Result<Opened, OpenError> {
-    let other = |message: String| OpenError {
-        damaged: false,
-        message,
-    };
-    let anchor = File::open(path).map_err(|e| other(format!("cannot be opened: {e}")))?;
-    let meta = anchor
-        .metadata()
-        .map_err(|e| other(format!("cannot be read: {e}")))?;
+pub(super) fn open_existing(path: &Path) -> Result<Opened, FileError> {
+    let anchor = File::open(path).map_err(FileError::Open)?;
+    let meta = anchor.metadata().map_err(FileError::FileMetadata)?;
     let id = FileId::of(&meta);
     let db = match catch_unwind(AssertUnwindSafe(|| Database::open(path))) {
         Ok(Ok(db)) => db,
         Ok(Err(e)) => return Err(not_a_database(e)),
         Err(payload) => {
-            return Err(OpenError {
-                damaged: true,
-                message: format!(
-                    "is damaged: opening it panicked ({})",
-                    panic_message(payload.as_ref())
-                ),
+            return Err(FileError::Panicked {
+                message: panic_message(payload.as_ref()),
             })
         }
     };
     // redb opened the path after us: make sure it is the same file.
     if !names(path, id) {
-        return Err(other("was replaced while it was being opened".into()));
+        return Err(FileError::Replaced);
     }
     Ok(Opened { db, anchor, id })
 }
 
-fn not_a_database(e: redb::DatabaseError) -> OpenError {
+/// Which of redb's refusals to open the file it was.
+fn not_a_database(e: redb::DatabaseError) -> FileError {
     use redb::{DatabaseError, StorageError as Redb};
-    let (damaged, message) = match e {
-        DatabaseError::DatabaseAlreadyOpen => (
-            false,
-            "is already open in another process (another agent on the same storage.local.path?)"
-                .to_string(),
-        ),
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => FileError::AlreadyOpen,
         DatabaseError::Storage(Redb::Io(e)) if e.kind() == ErrorKind::InvalidData => {
-            let e = e.to_string();
-            let detail = e.strip_prefix("Not a redb database: ").unwrap_or(&e);
-            (
-                false,
-                format!(
-                    "is not a redb database ({detail}); refusing to start, the file is left as it is"
-                ),
-            )
+            FileError::NotRedb(e)
         }
-        DatabaseError::Storage(Redb::Corrupted(e)) => (true, format!("is damaged: {e}")),
-        e => (false, format!("cannot be opened: {e}")),
-    };
-    OpenError { damaged, message }
+        DatabaseError::Storage(e @ Redb::Corrupted(_)) => FileError::Corrupted(e),
+        e => FileError::Redb(e),
+    }
 }
 
 /// Creates a new, empty database at `path` (which did not exist): builds it
 /// under a temporary name and links it into place, which fails rather than
 /// replace a file that appeared meanwhile.
-fn create(path: &Path, table: TableDefinition<&str, &str>) -> Result<(), StorageError> {
+fn create(path: &Path, table: TableDefinition<&str, &str>) -> Result<(), OpenError> {
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(parent) = parent {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| StorageError::Open(format!("cannot create {}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent).map_err(|source| OpenError::CreateDir {
+            dir: parent.to_path_buf(),
+            source,
+        })?;
     }
     let tmp = temporary_name(path);
     let _ = std::fs::remove_file(&tmp);
@@ -171,15 +134,16 @@ fn create(path: &Path, table: TableDefinition<&str, &str>) -> Result<(), Storage
         txn.commit()?;
         Ok(())
     };
-    let created = build().map_err(|e| open_err(path, format_args!("cannot be created: {e}")));
+    let created = build().map_err(|e| file_err(path, FileError::Create(e)));
     let linked = created.and_then(|()| match std::fs::hard_link(&tmp, path) {
         Ok(()) => Ok(()),
         // Someone else created it meanwhile: open theirs.
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
         // A filesystem without hard links: rename, which is atomic too but
         // would replace a file created in the last instant.
-        Err(_) => std::fs::rename(&tmp, path)
-            .map_err(|e| open_err(path, format_args!("cannot be created: {e}"))),
+        Err(_) => {
+            std::fs::rename(&tmp, path).map_err(|e| file_err(path, FileError::MoveIntoPlace(e)))
+        }
     });
     let _ = std::fs::remove_file(&tmp);
     linked?;
@@ -267,6 +231,76 @@ mod tests {
 
         let err = open_or_create(dir.path(), TABLE).err().unwrap().to_string();
         assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    /// Each refusal is its own variant, and reads exactly as it always has.
+    #[test]
+    fn refusals_are_typed_and_their_text_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        let err = open_or_create(&empty, TABLE).err().unwrap();
+        assert!(
+            matches!(&err, OpenError::File { path, error: FileError::Empty } if *path == empty),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "database file {}: is empty, not a redb database; refusing to start with an \
+                 empty store (a new database is created only where no file exists: move the \
+                 file away to start afresh)",
+                empty.display()
+            )
+        );
+
+        let err = open_or_create(dir.path(), TABLE).err().unwrap();
+        assert!(
+            matches!(
+                &err,
+                OpenError::File {
+                    error: FileError::NotRegularFile,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "database file {}: is not a regular file",
+                dir.path().display()
+            )
+        );
+
+        let foreign = dir.path().join("foreign.db");
+        std::fs::write(&foreign, vec![b'x'; 10_000]).unwrap();
+        let err = open_or_create(&foreign, TABLE).err().unwrap();
+        let OpenError::File {
+            error: FileError::NotRedb(io),
+            ..
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(io.kind(), ErrorKind::InvalidData);
+        assert!(
+            err.to_string()
+                .ends_with("); refusing to start, the file is left as it is"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("Not a redb database: "), "{err}");
+
+        // Open twice: redb's lock refuses the second, as another agent would be.
+        let path = dir.path().join("locked.db");
+        let _held = open_or_create(&path, TABLE).unwrap();
+        let err = open_existing(&path).err().unwrap();
+        assert!(matches!(err, FileError::AlreadyOpen), "{err:?}");
+        assert!(!err.damaged());
+        assert_eq!(
+            err.to_string(),
+            "is already open in another process (another agent on the same storage.local.path?)"
+        );
     }
 
     #[test]

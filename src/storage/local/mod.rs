@@ -16,12 +16,15 @@
 //! panics) is described in [`engine`].
 
 mod engine;
+mod error;
 mod file;
 mod queue;
 mod watch;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
+
+pub use self::error::{DatabaseFault, FileError, OpenError};
 
 use self::engine::{Engine, ReadRequest, WriteOp, WriteRequest, TABLE};
 use self::queue::BatchQueue;
@@ -52,10 +55,10 @@ impl LocalStore {
         let path = path.to_path_buf();
         let engine = tokio::task::spawn_blocking(move || {
             let opened = file::open_or_create(&path, TABLE)?;
-            Ok::<_, StorageError>(Engine::new(path, opened))
+            Ok::<_, OpenError>(Engine::new(path, opened))
         })
         .await
-        .map_err(|e| StorageError::Open(format!("opening the database failed: {e}")))??;
+        .map_err(OpenError::OpenTask)??;
         let engine = Arc::new(engine);
         let on_panic = |engine: &Arc<Engine>| {
             let engine = Arc::clone(engine);
@@ -75,9 +78,7 @@ impl LocalStore {
             move |batch| reader.read_batch(batch),
             on_panic(&engine),
         )?;
-        let probes = writes
-            .sender()
-            .ok_or_else(|| StorageError::Open("the database writer stopped at once".into()))?;
+        let probes = writes.sender().ok_or(OpenError::WriterStopped)?;
         let watchdog = Watchdog::start(Arc::clone(&engine), probes)?;
         Ok(Self {
             engine,

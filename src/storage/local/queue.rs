@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::super::StorageError;
+use super::error::OpenError;
 
 /// Requests queued beyond this make callers wait: back-pressure, not memory growth.
 const QUEUE: usize = 4096;
@@ -38,11 +39,11 @@ impl<R: Send + 'static> BatchQueue<R> {
     /// Starts `threads` threads named `name-<n>` running `serve` on each
     /// batch; `on_panic(thread name, panic message)` runs after a caught panic.
     pub(super) fn start(
-        name: &str,
+        name: &'static str,
         threads: usize,
         serve: impl Fn(&mut Vec<R>) + Send + Sync + 'static,
         on_panic: impl Fn(&str, &str) + Send + Sync + 'static,
-    ) -> Result<Self, StorageError> {
+    ) -> Result<Self, OpenError> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let serve = Arc::new(serve);
@@ -68,7 +69,7 @@ impl<R: Send + 'static> BatchQueue<R> {
                         batch.clear();
                     }
                 })
-                .map_err(|e| StorageError::Open(format!("cannot start {name} thread: {e}")))?;
+                .map_err(|source| OpenError::Thread { name, source })?;
             handles.push(handle);
         }
         Ok(Self {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc as queue;
 
-use super::super::StorageError;
 use super::engine::{Engine, WriteRequest};
+use super::error::OpenError;
 
 /// How often the watchdog looks.
 pub(super) const TICK: Duration = Duration::from_millis(250);
@@ -28,7 +28,7 @@ impl Watchdog {
     pub(super) fn start(
         engine: Arc<Engine>,
         probes: queue::Sender<WriteRequest>,
-    ) -> Result<Self, StorageError> {
+    ) -> Result<Self, OpenError> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("agent-db-watchdog".into())
@@ -38,7 +38,7 @@ impl Watchdog {
                     _ => return,
                 }
             })
-            .map_err(|e| StorageError::Open(format!("cannot start the database watchdog: {e}")))?;
+            .map_err(OpenError::Watchdog)?;
         Ok(Self {
             stop: Some(stop),
             thread: Some(thread),
