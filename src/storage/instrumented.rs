@@ -128,13 +128,19 @@ impl HealthObserver for HealthMetrics {
     }
 }
 
-async fn measured<T>(
+/// Runs and measures one operation. It takes the operation as a closure,
+/// not as a future: an `async fn` keeps a future argument in its state and
+/// then a second copy of it for the `.await`, which made the wrapper's
+/// future twice the size of the backend's (1,616 bytes against 768 for a
+/// get, in a debug build) and cost 238 instructions more per local get
+/// (callgrind, docs/performance.md).
+async fn measured<T, F: Future<Output = Result<T, StorageError>>>(
     m: &StorageOpMetrics,
     log: &FailureLog,
-    op: impl Future<Output = Result<T, StorageError>>,
+    op: impl FnOnce() -> F,
 ) -> Result<T, StorageError> {
     let start = m.duration.start();
-    let result = op.await;
+    let result = op().await;
     m.duration.record_since(start);
     m.operations.increment(1);
     match &result {
@@ -157,15 +163,15 @@ impl<S: Storage> Storage for Instrumented<S> {
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StorageError> {
-        measured(&self.get, &self.failures[0], self.inner.get(key)).await
+        measured(&self.get, &self.failures[0], || self.inner.get(key)).await
     }
 
     async fn put(&self, key: &str, value: &str) -> Result<(), StorageError> {
-        measured(&self.put, &self.failures[1], self.inner.put(key, value)).await
+        measured(&self.put, &self.failures[1], || self.inner.put(key, value)).await
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StorageError> {
-        measured(&self.delete, &self.failures[2], self.inner.delete(key)).await
+        measured(&self.delete, &self.failures[2], || self.inner.delete(key)).await
     }
 
     async fn close(&self) {
