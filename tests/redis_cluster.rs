@@ -18,6 +18,10 @@ use common::*;
 /// Keys put, read and deleted through the agent.
 const KEYS: usize = 3000;
 
+/// A storage timeout short enough that requests to a lost shard fail fast,
+/// for the tests that take shards down.
+const SHORT_TIMEOUT: (&str, &str) = ("AGENT_STORAGE__REDIS_CLUSTER__TIMEOUT", "500ms");
+
 fn cluster_agent(cluster: &RedisCluster, extra: &[(&str, &str)]) -> Agent {
     let mut opts = AgentOptions::default()
         .env("AGENT_STORAGE__BACKEND", "redis_cluster")
@@ -153,10 +157,7 @@ fn agent_started_before_its_cluster_starts_and_recovers() {
     let Some(mut cluster) = RedisCluster::reserve(None) else {
         return;
     };
-    let agent = cluster_agent(
-        &cluster,
-        &[("AGENT_STORAGE__REDIS_CLUSTER__TIMEOUT", "500ms")],
-    );
+    let agent = cluster_agent(&cluster, &[SHORT_TIMEOUT]);
     let log = agent.log();
     let warning = log
         .lines()
@@ -195,15 +196,7 @@ fn agent_started_before_its_cluster_starts_and_recovers() {
     errors += peer.wait_for_recovery();
     // Every shard serves the agent now, not only the one "recovered" maps to.
     let shards = cluster.shards();
-    let keys: Vec<String> = shards
-        .iter()
-        .map(|s| {
-            (0..)
-                .map(|i| format!("k{i}"))
-                .find(|k| s.serves(&format!("agent:{k}")))
-                .unwrap()
-        })
-        .collect();
+    let keys: Vec<String> = shards.iter().map(|s| s.key("k")).collect();
     for (shard, key) in shards.iter().zip(&keys) {
         assert_eq!(peer.put(key, "up")["ok"], true);
         assert_eq!(
@@ -288,10 +281,7 @@ fn master_killed_under_load_fails_over_without_restart() {
     let Some(mut cluster) = RedisCluster::start(None) else {
         return;
     };
-    let agent = cluster_agent(
-        &cluster,
-        &[("AGENT_STORAGE__REDIS_CLUSTER__TIMEOUT", "500ms")],
-    );
+    let agent = cluster_agent(&cluster, &[SHORT_TIMEOUT]);
     let shards = cluster.shards();
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::new()));
@@ -317,12 +307,7 @@ fn master_killed_under_load_fails_over_without_restart() {
     // Kill the master serving the most settled keys, under load.
     let victim = shards
         .iter()
-        .max_by_key(|s| {
-            settled
-                .iter()
-                .filter(|k| s.serves(&format!("agent:{k}")))
-                .count()
-        })
+        .max_by_key(|s| settled.iter().filter(|k| s.holds(k)).count())
         .unwrap()
         .clone();
     cluster.kill9(victim.master);
@@ -334,10 +319,7 @@ fn master_killed_under_load_fails_over_without_restart() {
 
     // A probe on a key of the lost master's slots: it fails until the
     // replica has taken over and the agent's client has found that out.
-    let probe_key = (0..)
-        .map(|i| format!("probe{i}"))
-        .find(|k| victim.serves(&format!("agent:{k}")))
-        .unwrap();
+    let probe_key = victim.key("probe");
     let mut probe = agent.connect();
     let mut probe_errors = 0;
     let mut probe_puts = 0;
@@ -387,7 +369,7 @@ fn master_killed_under_load_fails_over_without_restart() {
     let (on_victim, elsewhere): (Vec<_>, Vec<_>) = stats
         .iter()
         .flat_map(|s| &s.failed)
-        .partition(|(k, _)| victim.serves(&format!("agent:{k}")));
+        .partition(|(k, _)| victim.holds(k));
     let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
     for (_, e) in stats.iter().flat_map(|s| &s.failed) {
         *reasons.entry(e.as_str()).or_default() += 1;
@@ -431,7 +413,7 @@ fn master_killed_under_load_fails_over_without_restart() {
     assert_eq!(settled_lost, 0, "replicated writes were lost");
     // Those lost can only be keys of the failed master's slots.
     for key in &later_lost {
-        assert!(victim.serves(&format!("agent:{key}")), "{key}");
+        assert!(victim.holds(key), "{key}");
     }
 
     // Exact counts: every operation and every error reply, including the
@@ -588,14 +570,9 @@ fn acknowledged_writes_are_lost_when_the_master_dies_before_its_replica_has_them
     let Some(mut cluster) = RedisCluster::start(None) else {
         return;
     };
-    let agent = cluster_agent(
-        &cluster,
-        &[("AGENT_STORAGE__REDIS_CLUSTER__TIMEOUT", "500ms")],
-    );
+    let agent = cluster_agent(&cluster, &[SHORT_TIMEOUT]);
     let shard = cluster.shards()[0].clone();
-    let mut on_shard = (0..)
-        .map(|i| format!("lost{i}"))
-        .filter(|k| shard.serves(&format!("agent:{k}")));
+    let mut on_shard = shard.keys("lost");
     let (key, kept) = (on_shard.next().unwrap(), on_shard.next().unwrap());
     let mut peer = agent.connect();
     // Written and replicated: it survives.
@@ -648,19 +625,10 @@ fn shard_down_then_back_recovers_without_restart() {
     let Some(mut cluster) = RedisCluster::start(None) else {
         return;
     };
-    let agent = cluster_agent(
-        &cluster,
-        &[("AGENT_STORAGE__REDIS_CLUSTER__TIMEOUT", "500ms")],
-    );
+    let agent = cluster_agent(&cluster, &[SHORT_TIMEOUT]);
     let shards = cluster.shards();
     let lost = shards[0].clone();
-    let key_on = |shard: &common::cluster::Shard| {
-        (0..)
-            .map(|i| format!("k{i}"))
-            .find(|k| shard.serves(&format!("agent:{k}")))
-            .unwrap()
-    };
-    let (down_key, up_key) = (key_on(&lost), key_on(&shards[1]));
+    let (down_key, up_key) = (lost.key("k"), shards[1].key("k"));
     let mut peer = agent.connect();
     assert_eq!(peer.put(&down_key, "before")["ok"], true);
     assert_eq!(peer.put(&up_key, "before")["ok"], true);

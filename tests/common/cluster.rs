@@ -36,9 +36,31 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// Whether this shard serves the Redis key `key`.
     pub fn serves(&self, key: &str) -> bool {
         let s = slot(key);
         self.slots.iter().any(|&(lo, hi)| (lo..=hi).contains(&s))
+    }
+
+    /// Whether this shard holds the agent's key `key`, which the agent
+    /// stores as `agent:<key>` (its default `key_prefix`).
+    pub fn holds(&self, key: &str) -> bool {
+        self.serves(&format!("agent:{key}"))
+    }
+
+    /// Agent keys `<prefix>0`, `<prefix>1`, ... that this shard holds.
+    pub fn keys(&self, prefix: &str) -> impl Iterator<Item = String> + '_ {
+        let prefix = prefix.to_string();
+        (0..)
+            .map(move |i| format!("{prefix}{i}"))
+            .filter(|k| self.holds(k))
+    }
+
+    /// The first agent key `<prefix><n>` this shard holds.
+    pub fn key(&self, prefix: &str) -> String {
+        self.keys(prefix)
+            .next()
+            .expect("some key falls in every shard")
     }
 }
 
