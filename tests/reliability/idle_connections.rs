@@ -46,26 +46,19 @@ fn idle_connections_cannot_lock_out_peers_and_close_after_the_idle_timeout() {
     // 2,000 connections that never send a byte, each watched until the
     // agent closes it.
     let addr = agent.peer_addr;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = client_runtime();
     let opened = Arc::new(AtomicU64::new(0));
-    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+    let handshakes = Handshakes::new();
     let started = Instant::now();
     let tasks: Vec<_> = (0..IDLE)
         .map(|i| {
-            let (opened, connecting) = (Arc::clone(&opened), Arc::clone(&connecting));
+            let (opened, handshakes) = (Arc::clone(&opened), handshakes.clone());
             rt.spawn(async move {
                 use tokio::io::AsyncReadExt;
-                let permit = connecting.acquire().await.unwrap();
-                let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
-                    .await
-                    .map_err(|_| format!("idle connection {i}: connect timed out"))?
-                    .map_err(|e| format!("idle connection {i}: connect: {e}"))?;
+                let mut s = handshakes
+                    .open(addr, &format!("idle connection {i}"))
+                    .await?;
                 let opened_at = Instant::now();
-                drop(permit);
                 opened.fetch_add(1, Ordering::Relaxed);
                 let mut buf = [0u8; 64];
                 let read = tokio::time::timeout(IDLE_TIMEOUT + WAIT, s.read(&mut buf))

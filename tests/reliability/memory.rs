@@ -80,29 +80,24 @@ fn memory_stays_bounded_with_400_peers_and_1_mib_messages_and_returns_after() {
     wait_for_value(&agent, "agent_peers_connected", &[], 0.0);
     let baseline = vm_rss_bytes(pid);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = client_runtime();
     let addr = agent.peer_addr;
-    // 400 peers connect (64 handshakes at a time, as the other tests do),
+    // 400 peers connect (64 handshakes at a time, through `Handshakes`),
     // and the agent has them all before any sends: this is about memory,
     // not about a listen backlog overflowing on a loaded machine.
-    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+    let handshakes = Handshakes::new();
     let connected: Vec<_> = (0..PEERS)
         .map(|i| {
-            let connecting = Arc::clone(&connecting);
+            let handshakes = handshakes.clone();
             rt.spawn(async move {
-                let _permit = connecting.acquire().await.unwrap();
-                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                let socket =
+                    tokio::net::TcpSocket::new_v4().map_err(|e| format!("peer {i}: {e}"))?;
                 // A small receive buffer: unread replies back up in the
                 // agent soon, not in this process's kernel buffers.
-                socket.set_recv_buffer_size(4096).unwrap();
-                tokio::time::timeout(WAIT, socket.connect(addr))
-                    .await
-                    .map_err(|_| format!("peer {i}: connect timed out"))?
-                    .map_err(|e| format!("peer {i}: connect: {e}"))
+                socket
+                    .set_recv_buffer_size(4096)
+                    .map_err(|e| format!("peer {i}: {e}"))?;
+                handshakes.connect(socket, addr, &format!("peer {i}")).await
             })
         })
         .collect();

@@ -53,25 +53,16 @@ fn metrics_port_abuse_is_capped_and_closed_within_30s() {
 
     let base_fds = open_fds(pid);
     let addr = agent.metrics_addr;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = client_runtime();
     let opened = Arc::new(AtomicU64::new(0));
-    let connecting = Arc::new(tokio::sync::Semaphore::new(64));
+    let handshakes = Handshakes::new();
     let started = Instant::now();
     let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|i| {
-            let opened = Arc::clone(&opened);
-            let connecting = Arc::clone(&connecting);
+            let (opened, handshakes) = (Arc::clone(&opened), handshakes.clone());
             rt.spawn(async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let permit = connecting.acquire().await.unwrap();
-                let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
-                    .await
-                    .map_err(|_| format!("connection {i}: connect timed out"))?
-                    .map_err(|e| format!("connection {i}: connect: {e}"))?;
+                let mut s = handshakes.open(addr, &format!("connection {i}")).await?;
                 let opened_at = Instant::now();
                 let half_sent = i % 2 == 1;
                 if half_sent {
@@ -81,7 +72,6 @@ fn metrics_port_abuse_is_capped_and_closed_within_30s() {
                         .write_all(b"GET /agent-metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
                         .await;
                 }
-                drop(permit);
                 opened.fetch_add(1, Ordering::Relaxed);
                 let mut buf = [0u8; 4096];
                 let mut bytes = 0;

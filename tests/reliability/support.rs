@@ -1,6 +1,7 @@
 //! What the sections share: open-files limits, /proc figures, a
-//! deterministic PRNG, a monitoring peer, pipelined requests, and the
-//! storage-fault helpers of sections 8 to 12.
+//! deterministic PRNG, a monitoring peer, pipelined requests, many
+//! connections opened at once, and the storage-fault helpers of sections 8
+//! to 12.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -261,4 +262,57 @@ pub(crate) fn join_all<T, E: std::fmt::Display>(
                 .unwrap_or_else(|e| panic!("{e}{context}"))
         })
         .collect()
+}
+
+/// A runtime of the test's own for the sections that hold hundreds or
+/// thousands of connections open at once.
+pub(crate) fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Opens many connections at most 64 handshakes at a time: an unbounded
+/// burst of thousands can overflow the agent's listen backlog on a loaded
+/// machine, which would test the kernel's SYN handling, not the agent.
+/// Clones share the limit.
+#[derive(Clone)]
+pub(crate) struct Handshakes(Arc<tokio::sync::Semaphore>);
+
+impl Handshakes {
+    pub(crate) fn new() -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(64)))
+    }
+
+    /// Connects `socket` to `addr` within [`WAIT`]; `what` names the
+    /// connection in the error.
+    pub(crate) async fn connect(
+        &self,
+        socket: tokio::net::TcpSocket,
+        addr: SocketAddr,
+        what: &str,
+    ) -> Result<tokio::net::TcpStream, String> {
+        let _turn = self.0.acquire().await.expect("never closed");
+        tokio::time::timeout(WAIT, socket.connect(addr))
+            .await
+            .map_err(|_| format!("{what}: connect timed out"))?
+            .map_err(|e| format!("{what}: connect: {e}"))
+    }
+
+    /// [`Handshakes::connect`] with a socket of default options.
+    pub(crate) async fn open(
+        &self,
+        addr: SocketAddr,
+        what: &str,
+    ) -> Result<tokio::net::TcpStream, String> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let socket = socket.map_err(|e| format!("{what}: socket: {e}"))?;
+        self.connect(socket, addr, what).await
+    }
 }
