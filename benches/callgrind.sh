@@ -24,6 +24,14 @@
 # a warm-up of 2,000 messages and after the load's connections are open, and
 # off before the agent stops. Profiles are
 # kept in target/callgrind/<backend>-<mix>/ for callgrind_annotate.
+#
+# Valgrind runs one thread at a time. By default the thread that gives up
+# its lock often takes it straight back, so how the tokio thread, the
+# storage threads and redb's group commit interleave, and with it how many
+# instructions a message costs, changed from round to round (rounds of one
+# binary spread by 2% on local 90/10). --fair-sched=yes hands the lock to
+# runnable threads in turn; the spread was 0.6% to 1.6% in three runs since
+# (docs/performance.md, section 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,7 +75,7 @@ measure() {
       tls=(--tls-dir "$work/tls")
     fi
   fi
-  env "${run_env[@]}" valgrind --tool=callgrind --instr-atstart=no \
+  env "${run_env[@]}" valgrind --tool=callgrind --fair-sched=yes --instr-atstart=no \
     --callgrind-out-file="$profile" "$agent_bin" >"$work/agent.log" 2>&1 &
   agent_pid=$!
   pids+=("$agent_pid")
