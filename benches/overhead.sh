@@ -94,4 +94,18 @@ awk '
     printf "median context switches per message off: %.3f\n", median(soff, n)
     printf "median throughput ratio (on/off): %.4f\n", median(tr, n)
     printf "median cpu-per-message ratio (on/off): %.4f\n", median(cr, n)
+    # The rounds of a pair run back to back, so their ratio cancels most of
+    # the machine'"'"'s drift; the interval says whether many rounds resolve
+    # what one cannot. It is the normal approximation, so it is printed
+    # only from 20 rounds on.
+    if (n >= 20) {
+      printf "mean throughput ratio (on/off): %.4f, 95%% interval %.4f to %.4f\n", mean(tr, n), mean(tr, n) - ci(tr, n), mean(tr, n) + ci(tr, n)
+      printf "mean cpu-per-message ratio (on/off): %.4f, 95%% interval %.4f to %.4f\n", mean(cr, n), mean(cr, n) - ci(cr, n), mean(cr, n) + ci(cr, n)
+    }
+  }
+  function mean(a, n,   i, s) { for (i = 1; i <= n; i++) s += a[i]; return s / n }
+  function ci(a, n,   i, m, v) {
+    m = mean(a, n)
+    for (i = 1; i <= n; i++) v += (a[i] - m) ^ 2
+    return 1.96 * sqrt(v / (n - 1) / n)
   }'"$AWK_MEDIAN" "$results"
