@@ -30,7 +30,7 @@
 # storage threads and redb's group commit interleave, and with it how many
 # instructions a message costs, changed from round to round (rounds of one
 # binary spread by 2% on local 90/10). --fair-sched=yes hands the lock to
-# runnable threads in turn; the spread was 0.6% to 1.6% in three runs since
+# runnable threads in turn; the spread was 0.6% to 1.6% in four runs since
 # (docs/performance.md, section 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
