@@ -215,7 +215,8 @@ impl CounterFn for ShardedCounter {
 
 /// One thread's share of a histogram: a count per bucket (the last one for
 /// values above every bound) and the sum of the values, as `f64` bits.
-/// The padding keeps 64 bytes between shards, so no two share a cache line
+/// The padding keeps 64 bytes between the cells that two shards write per
+/// sample, so they never share a cache line
 /// (see [`CounterShard`] for why not alignment).
 #[repr(C)]
 struct HistogramShard {
@@ -236,10 +237,18 @@ impl HistogramShard {
             _pad: [0; 7],
         }
     }
+
+    /// Adds a sample to a shard that only the calling thread writes.
+    #[inline(always)]
+    fn add(&self, bucket: usize, value: f64) {
+        let sum = f64::from_bits(self.sum.load(Relaxed)) + value;
+        self.sum.store(sum.to_bits(), Relaxed);
+        owner_add(&self.counts[bucket], 1);
+    }
 }
 
 /// A histogram with fixed bucket bounds, split into per-thread shards.
-/// Its count is the sum of its buckets, so a sample is two atomic adds.
+/// Its count is the sum of its buckets, so a sample is two adds.
 pub(crate) struct ShardedHistogram {
     bounds: &'static [f64],
     /// `bounds`, then +Inf up to the end: a value above every bound stops
@@ -296,6 +305,27 @@ impl ShardedHistogram {
         i & (SLOTS - 1)
     }
 
+    /// The slow path of [`HistogramFn::record`]: a thread that does not own
+    /// its shard yet.
+    #[cold]
+    #[inline(never)]
+    fn record_unowned(&self, value: f64, me: usize, shard: &HistogramShard) {
+        let bucket = self.bucket(value);
+        if claim(&shard.owner, me) {
+            return shard.add(bucket, value);
+        }
+        let shared = &self.shared;
+        let mut old = shared.sum.load(Relaxed);
+        loop {
+            let new = (f64::from_bits(old) + value).to_bits();
+            match shared.sum.compare_exchange_weak(old, new, Relaxed, Relaxed) {
+                Ok(_) => break,
+                Err(current) => old = current,
+            }
+        }
+        shared.counts[bucket].fetch_add(1, Relaxed);
+    }
+
     /// Cumulative bucket counts (one per bound, then +Inf) and the sum.
     fn merged(&self) -> (Vec<u64>, f64) {
         let mut counts = vec![0u64; self.bounds.len() + 1];
@@ -325,39 +355,6 @@ impl HistogramFn for ShardedHistogram {
         } else {
             self.record_unowned(value, me, shard);
         }
-    }
-}
-
-impl HistogramShard {
-    /// Adds a sample to a shard that only the calling thread writes.
-    #[inline(always)]
-    fn add(&self, bucket: usize, value: f64) {
-        let sum = f64::from_bits(self.sum.load(Relaxed)) + value;
-        self.sum.store(sum.to_bits(), Relaxed);
-        owner_add(&self.counts[bucket], 1);
-    }
-}
-
-impl ShardedHistogram {
-    /// The slow path of [`HistogramFn::record`]: a thread that does not own
-    /// its shard yet.
-    #[cold]
-    #[inline(never)]
-    fn record_unowned(&self, value: f64, me: usize, shard: &HistogramShard) {
-        let bucket = self.bucket(value);
-        if claim(&shard.owner, me) {
-            return shard.add(bucket, value);
-        }
-        let shared = &self.shared;
-        let mut old = shared.sum.load(Relaxed);
-        loop {
-            let new = (f64::from_bits(old) + value).to_bits();
-            match shared.sum.compare_exchange_weak(old, new, Relaxed, Relaxed) {
-                Ok(_) => break,
-                Err(current) => old = current,
-            }
-        }
-        shared.counts[bucket].fetch_add(1, Relaxed);
     }
 }
 
