@@ -158,19 +158,39 @@ impl Ticket {
     pub async fn evicted(&self) {
         self.slot.evict.cancelled().await
     }
+
+    /// Gives the place up now, for a connection that is closing for its own
+    /// reason (the idle timeout). Returns false when a newcomer evicted it
+    /// first: that close is already counted as an eviction, and counting
+    /// it again would make one connection two.
+    ///
+    /// Without this, a connection still flushing its idle close kept its
+    /// unserved place, and a newcomer at the cap could pick it: the
+    /// reliability test then counted 2,001 closes for 2,000 connections.
+    pub fn leave(&self) -> bool {
+        self.admission.remove(self.slot.id)
+    }
+}
+
+impl Admission {
+    /// Removes slot `id` from the queue; false if it was already gone
+    /// (evicted, or left before).
+    fn remove(&self, id: u64) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        match open.slots.binary_search_by_key(&id, |s| s.id) {
+            Ok(i) => {
+                open.slots.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut open = self
-            .admission
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        // An evicted slot is already gone from the queue.
-        if let Ok(i) = open.slots.binary_search_by_key(&self.slot.id, |s| s.id) {
-            open.slots.remove(i);
-        }
+        // An evicted or departed slot is already gone from the queue.
+        self.admission.remove(self.slot.id);
     }
 }
 
@@ -216,6 +236,32 @@ mod tests {
         drop((c, d, e));
         assert!(admission.open.lock().unwrap().slots.is_empty());
         drop(f);
+    }
+
+    #[test]
+    fn a_connection_leaving_is_told_whether_an_eviction_came_first() {
+        let admission = Admission::new(2);
+        let a = ticket(admission.admit());
+        let b = ticket(admission.admit());
+        // a closes for its own reason before any newcomer: its place is
+        // free at once, so the next newcomer evicts nobody.
+        assert!(a.leave());
+        let c = match admission.admit() {
+            Admitted::Yes(t) => t,
+            _ => panic!("a's place should have been free"),
+        };
+        // b is evicted first, then its idle close comes: not its to count.
+        let d = match admission.admit() {
+            Admitted::Evicting(t) => t,
+            _ => panic!("expected an eviction"),
+        };
+        assert!(is_evicted(&b));
+        assert!(!b.leave());
+        // Leaving twice, or dropping after leaving, frees nothing more.
+        assert!(!a.leave());
+        drop((a, b));
+        assert_eq!(admission.open.lock().unwrap().slots.len(), 2);
+        drop((c, d));
     }
 
     #[test]

@@ -257,7 +257,9 @@ async fn serve<S: Storage, T: PeerStream>(
         match frame {
             Ok(Frame::Line) => {}
             Ok(Frame::Closed) => return,
-            Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
+            Err(e) if connection::is_idle_timeout(&e) => {
+                return close_idle(conn, peers, ticket).await
+            }
             Err(_) => return,
             Ok(Frame::TooLarge) => {
                 log.messages += 1;
@@ -283,7 +285,9 @@ async fn serve<S: Storage, T: PeerStream>(
             drop(hold);
             hold = match reserve_reply(&mut conn, budget, longest_reply).await {
                 Ok(reply_hold) => Some(reply_hold),
-                Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
+                Err(e) if connection::is_idle_timeout(&e) => {
+                    return close_idle(conn, peers, ticket).await
+                }
                 Err(_) => return,
             };
         }
@@ -293,7 +297,9 @@ async fn serve<S: Storage, T: PeerStream>(
         }
         match conn.write(&out).await {
             Ok(()) => {}
-            Err(e) if connection::is_idle_timeout(&e) => return close_idle(conn, peers).await,
+            Err(e) if connection::is_idle_timeout(&e) => {
+                return close_idle(conn, peers, ticket).await
+            }
             Err(_) => return,
         }
         // The reply is with the kernel, or in the fixed write buffer: its
@@ -328,9 +334,13 @@ async fn reserve_reply<T: PeerStream>(
 }
 
 /// Closes a connection whose peer completed no request within
-/// `network.idle_timeout`, and counts it.
-async fn close_idle<T: PeerStream>(mut conn: Connection<T>, peers: &Peers) {
-    peers.idle_closed();
+/// `network.idle_timeout`, and counts it unless a newcomer evicted it first.
+async fn close_idle<T: PeerStream>(mut conn: Connection<T>, peers: &Peers, ticket: &Ticket) {
+    // Give the place up before the flush below, so that no newcomer
+    // evicts a connection already on its way out.
+    if ticket.leave() {
+        peers.idle_closed();
+    }
     tracing::debug!("closing a peer connection idle for network.idle_timeout");
     let _ = tokio::time::timeout(IDLE_CLOSE_FLUSH, conn.shutdown()).await;
 }
