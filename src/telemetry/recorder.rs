@@ -266,7 +266,7 @@ pub(crate) struct ShardedHistogram {
     /// Without it the owner of shard 0 wrote into a line the other threads
     /// read: two threads on one series cost 4% to 11% more per record than
     /// one, against 1% to 3% for threads sharing nothing at all
-    /// (`contention/private_cells`, criterion, five runs each); with it, the
+    /// (`contention/private_cells`, criterion, eight runs each); with it, the
     /// two are alike.
     _gap: [u64; 16],
     shards: [HistogramShard; SHARDS],
