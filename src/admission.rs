@@ -129,6 +129,20 @@ impl Admission {
             Admitted::Yes(ticket)
         }
     }
+
+    /// Removes slot `id` from the queue; false if it was already gone
+    /// (evicted, or left before).
+    fn remove(&self, id: u64) -> bool {
+        // Poisoned or not, as in `admit`.
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        match open.slots.binary_search_by_key(&id, |s| s.id) {
+            Ok(i) => {
+                open.slots.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// Marks a connection served from where the [`Ticket`] cannot go (an HTTP
@@ -169,21 +183,6 @@ impl Ticket {
     /// reliability test then counted 2,001 closes for 2,000 connections.
     pub fn leave(&self) -> bool {
         self.admission.remove(self.slot.id)
-    }
-}
-
-impl Admission {
-    /// Removes slot `id` from the queue; false if it was already gone
-    /// (evicted, or left before).
-    fn remove(&self, id: u64) -> bool {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        match open.slots.binary_search_by_key(&id, |s| s.id) {
-            Ok(i) => {
-                open.slots.remove(i);
-                true
-            }
-            Err(_) => false,
-        }
     }
 }
 
