@@ -249,6 +249,44 @@ fn instrumentation(c: &mut Criterion) {
     group.finish();
 }
 
+/// The metric work of a message after other work has pushed its data out of
+/// the nearest caches, as the agent's own work and the kernel's do between
+/// two messages. The `instrumentation` loop keeps every line it touches in
+/// L1 and so measures the metric work at its cheapest; end to end, on the
+/// Xeon host, metrics cost about twice what that loop does
+/// (docs/performance.md). Before each message this writes one byte per
+/// cache line of a buffer larger than L1 (`evict_l1`, 192 KiB) or than L2
+/// (`evict_l2`, 4 MiB), then times the message's metric work alone.
+/// `metrics_off` is the baseline: the same handles without a recorder, so
+/// the difference is what the metric work costs with cold caches.
+fn cold_instrumentation(c: &mut Criterion) {
+    let setup = Setup::new();
+    let mut group = c.benchmark_group("instrumentation_cold");
+    for (bytes, label) in [(192 << 10, "evict_l1"), (4 << 20, "evict_l2")] {
+        let mut evict = vec![0u8; bytes];
+        for (name, on) in [("metrics_off", false), ("sharded", true)] {
+            let msg = setup.with(on, MessageMetrics::new);
+            let op = setup.with(on, || StorageOpMetrics::new("get", "local"));
+            group.bench_function(BenchmarkId::new(label, name), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        for line in evict.chunks_mut(64) {
+                            line[0] = line[0].wrapping_add(1);
+                        }
+                        black_box(&mut evict);
+                        let start = Instant::now();
+                        message_metric_work(&msg, &op);
+                        total += start.elapsed();
+                    }
+                    total
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 /// A counter plus a histogram on the same series from one thread, then from
 /// two at once: with per-thread shards the time per record should not rise.
 /// Each thread records `iters` times, starting together at a barrier, and
@@ -369,6 +407,7 @@ fn render(c: &mut Criterion) {
 criterion_group!(
     benches,
     instrumentation,
+    cold_instrumentation,
     contention,
     render,
     message_path,
