@@ -200,7 +200,7 @@ fn outbound_peers_connect_over_mutual_tls_and_a_foreign_ca_is_refused() {
     let port = b.peer_addr.port().to_string();
 
     // A dials B by name; both certificates come from the fleet CA.
-    let a = tls_agent(
+    let mut a = tls_agent(
         &ca,
         &a_leaf,
         &[("AGENT_NETWORK__PEERS", &format!("[localhost:{port}]"))],
@@ -215,7 +215,10 @@ fn outbound_peers_connect_over_mutual_tls_and_a_foreign_ca_is_refused() {
         a.log(),
         b.log()
     );
-    assert!(a.log().contains("connected to peer"), "{}", a.log());
+    // The gauge can read 1 before the line reaches the test: the connection
+    // counts once it is open, the line follows the first ping's reply, and
+    // the agent's output arrives through a pipe and a reader thread.
+    a.wait_for_log("connected to peer");
 
     // C's certificate (and its trust) is another CA's: B refuses C's
     // certificate, and C refuses B's, so no connection is made either way.
