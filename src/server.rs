@@ -133,7 +133,7 @@ impl<S: Storage> Server<S> {
                 // A connection still in its handshake has completed no
                 // request, so it may be evicted at the cap like any other.
                 let stream = tokio::select! {
-                    s = handshake(stream, remote, &tls, &peers, &cancel) => s,
+                    s = handshake(stream, remote, &tls, &peers, &ticket, &cancel) => s,
                     _ = ticket.evicted() => None,
                 };
                 if let Some(stream) = stream {
@@ -183,12 +183,14 @@ impl Drop for ConnLog {
 
 /// Runs the server side of the TLS handshake, bounded by the handshake
 /// timeout (a client that stalls mid-handshake would otherwise hold its
-/// connection slot) and by shutdown. A failure is counted by reason.
+/// connection slot) and by shutdown. A failure is counted by reason
+/// ([`deny_after_handshake`]).
 async fn handshake(
     stream: TcpStream,
     remote: SocketAddr,
     tls: &PeerTlsAcceptor,
     peers: &Peers,
+    ticket: &Ticket,
     cancel: &CancellationToken,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let accepted = tokio::select! {
@@ -200,11 +202,22 @@ async fn handshake(
         Ok(Err(e)) => (classify(&e), e.to_string()),
         Err(_) => (DenyReason::TlsTimeout, "handshake timed out".to_string()),
     };
-    peers.denied(reason);
+    deny_after_handshake(peers, ticket, reason);
     // Debug, not warn: anyone who can reach the port can trigger this, and
     // the counter is what to alert on. The dialing side logs the cause.
     tracing::debug!(%remote, reason = reason.as_str(), %error, "peer TLS handshake failed");
     None
+}
+
+/// Gives a connection's place up as its handshake fails, and counts the
+/// denial unless a newcomer evicted it first: that close is already
+/// counted as an eviction, and one connection must not be two. Without
+/// this, the place stayed taken until the task dropped its ticket, and a
+/// newcomer at the cap could evict a connection already counted as denied.
+fn deny_after_handshake(peers: &Peers, ticket: &Ticket, reason: DenyReason) {
+    if ticket.leave() {
+        peers.denied(reason);
+    }
 }
 
 /// Maps a handshake error to its deny reason.
@@ -343,4 +356,55 @@ async fn close_idle<T: PeerStream>(mut conn: Connection<T>, peers: &Peers, ticke
     }
     tracing::debug!("closing a peer connection idle for network.idle_timeout");
     let _ = tokio::time::timeout(IDLE_CLOSE_FLUSH, conn.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::defs::AGENT_PEER_CONNECTIONS_DENIED_TOTAL;
+    use crate::test_support::counter;
+    use metrics_util::debugging::DebuggingRecorder;
+
+    fn admitted(a: Admitted) -> Ticket {
+        match a {
+            Admitted::Yes(t) | Admitted::Evicting(t) => t,
+            Admitted::Refused => panic!("refused"),
+        }
+    }
+
+    #[test]
+    fn a_failed_handshake_frees_its_place_and_is_counted_unless_evicted_first() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let peers = metrics::with_local_recorder(&recorder, Peers::new);
+        let admission = Admission::new(1);
+
+        // Its place is free once the failure is counted: the next newcomer
+        // evicts nobody.
+        let failed = admitted(admission.admit());
+        deny_after_handshake(&peers, &failed, DenyReason::TlsBadCertificate);
+        let newcomer = match admission.admit() {
+            Admitted::Yes(t) => t,
+            _ => panic!("the failed connection still held its place"),
+        };
+
+        // Evicted by a newcomer before its handshake failed: that close is
+        // the eviction's, not a denial.
+        let _next = match admission.admit() {
+            Admitted::Evicting(t) => t,
+            _ => panic!("expected an eviction"),
+        };
+        deny_after_handshake(&peers, &newcomer, DenyReason::TlsBadCertificate);
+
+        let snap = snapshotter.snapshot().into_vec();
+        let denied = |reason| {
+            counter(
+                &snap,
+                AGENT_PEER_CONNECTIONS_DENIED_TOTAL,
+                &[("reason", reason)],
+            )
+        };
+        assert_eq!(denied("tls_bad_certificate"), 1);
+        drop(failed);
+    }
 }
