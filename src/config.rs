@@ -326,7 +326,8 @@ pub struct MetricsConfig {
     /// DogStatsD, how often process metrics are pushed.
     #[serde(with = "humantime_serde")]
     pub process_interval: Duration,
-    /// Concurrent connections to the metrics endpoint; more are closed at once.
+    /// Concurrent connections to the metrics endpoint; at the cap the oldest
+    /// that has not completed a request (or else the oldest) gives way.
     pub max_connections: usize,
     /// An exporter-toolkit web config file (TLS, basic auth) for the
     /// metrics endpoint; empty serves plain HTTP without authentication.

@@ -18,7 +18,7 @@ use crate::admission::{Admission, Admitted, Ticket};
 use crate::budget::{Budget, Reservation};
 use crate::connection::{self, Connection, Frame, PeerStream, FIXED_BUFFER};
 use crate::handler::Handler;
-use crate::net::{accept, allowed};
+use crate::net::{accept, allowed, SocketBudget};
 use crate::peers::Peers;
 use crate::protocol;
 use crate::storage::Storage;
@@ -73,9 +73,11 @@ impl<S: Storage> Server<S> {
     /// Accepts until `cancel` fires; connection tasks join `tracker`.
     pub async fn run(self, tracker: TaskTracker, cancel: CancellationToken) {
         let admission = Admission::new(self.max_connections);
+        let budget = SocketBudget::for_cap(self.max_connections);
         let mut rejections = Throttle::new(REJECTION_LOG_PERIOD);
         loop {
-            let Some((stream, remote)) = accept(&self.listener, &cancel, "peer listener").await
+            let Some((stream, remote, permit)) =
+                accept(&self.listener, &budget, &cancel, "peer listener").await
             else {
                 return;
             };
@@ -121,6 +123,7 @@ impl<S: Storage> Server<S> {
                     .with_idle_timeout(idle_timeout)
                     .with_budget(Arc::clone(&budget));
                 tracker.spawn(async move {
+                    let _permit = permit;
                     let _guard = peers.connected();
                     let mut log = ConnLog::open(remote, false);
                     serve(conn, &handler, &peers, &budget, &ticket, &cancel, &mut log).await;
@@ -129,6 +132,7 @@ impl<S: Storage> Server<S> {
                 continue;
             };
             tracker.spawn(async move {
+                let _permit = permit;
                 connection::prepare(&stream);
                 // A connection still in its handshake has completed no
                 // request, so it may be evicted at the cap like any other.

@@ -38,7 +38,7 @@ use super::auth::BasicAuth;
 use super::{Exposition, HttpMetrics};
 use crate::admission::{Admission, Admitted, Ticket, WhenAllServed};
 use crate::config::{HEALTH_PATH, READY_PATH};
-use crate::net::{accept, allowed};
+use crate::net::{accept, allowed, SocketBudget};
 
 /// 200 when storage is usable, 503 with the reason when it is not.
 /// An allow-list the configuration reload can replace while serving.
@@ -210,9 +210,12 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 /// Accepts and serves connections until `cancel` fires.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: CancellationToken) {
     let admission = Admission::with_policy(endpoint.max_connections, WhenAllServed::EvictOldest);
+    let budget = SocketBudget::for_cap(endpoint.max_connections);
     let endpoint = Arc::new(endpoint);
     loop {
-        let Some((stream, remote)) = accept(&listener, &cancel, "metrics endpoint").await else {
+        let Some((stream, remote, permit)) =
+            accept(&listener, &budget, &cancel, "metrics endpoint").await
+        else {
             return;
         };
         let (Admitted::Yes(ticket) | Admitted::Evicting(ticket)) = admission.admit() else {
@@ -220,6 +223,7 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: Cancellati
         };
         let endpoint = Arc::clone(&endpoint);
         tokio::spawn(async move {
+            let _permit = permit;
             match &endpoint.tls {
                 None => serve_connection(stream, remote, &endpoint, &ticket).await,
                 Some(acceptor) => {

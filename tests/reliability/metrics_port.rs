@@ -101,8 +101,12 @@ fn metrics_port_abuse_is_capped_and_closed_within_30s() {
     // While the connections open and sit there: the agent's descriptors stay
     // bounded and peers are served.
     let mut max_fds = base_fds;
+    let mut max_held = 0;
     let mut peer_latencies = Vec::new();
-    let sample_fds = |max_fds: &mut usize| *max_fds = (*max_fds).max(open_fds(pid));
+    let sample_fds = |max_fds: &mut usize, max_held: &mut usize| {
+        *max_held = (*max_held).max(connections_on_port(pid, addr.port()));
+        *max_fds = (*max_fds).max(open_fds(pid));
+    };
     let serve_a_peer = |latencies: &mut Vec<Duration>| {
         let t = Instant::now();
         let mut peer = agent.connect();
@@ -120,12 +124,12 @@ fn metrics_port_abuse_is_capped_and_closed_within_30s() {
             "opened only {} connections in {WAIT:?}",
             opened.load(Ordering::Relaxed)
         );
-        sample_fds(&mut max_fds);
+        sample_fds(&mut max_fds, &mut max_held);
         serve_a_peer(&mut peer_latencies);
         std::thread::sleep(Duration::from_millis(10));
     }
     let open_time = started.elapsed();
-    sample_fds(&mut max_fds);
+    sample_fds(&mut max_fds, &mut max_held);
 
     // All 3,000 are open on our side: a normal scrape, /health and a 404.
     let scrape_started = Instant::now();
@@ -148,7 +152,7 @@ fn metrics_port_abuse_is_capped_and_closed_within_30s() {
             started.elapsed() < 3 * CLOSE_BOUND,
             "abusive connections still open"
         );
-        sample_fds(&mut max_fds);
+        sample_fds(&mut max_fds, &mut max_held);
         serve_a_peer(&mut peer_latencies);
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -172,8 +176,13 @@ fn metrics_port_abuse_is_capped_and_closed_within_30s() {
         );
     }
     let answered = results.iter().filter(|a| a.bytes > 0).count();
-    // Concurrent metrics connections are capped: the agent never held more
-    // than a small multiple of the cap, far from the 3,000 offered.
+    // Concurrent metrics connections are capped, and so are the sockets
+    // behind them: the open ones and as many again on their way out.
+    assert!(
+        max_held <= 2 * MAX_METRICS_CONNECTIONS,
+        "agent held {max_held} metrics connections (cap {MAX_METRICS_CONNECTIONS})"
+    );
+    // All descriptors: far from the 3,000 offered.
     let fd_bound = base_fds + 4 * MAX_METRICS_CONNECTIONS;
     assert!(
         max_fds <= fd_bound,
@@ -187,7 +196,7 @@ fn metrics_port_abuse_is_capped_and_closed_within_30s() {
     peer_latencies.sort();
     println!(
         "[abuse] {CONNECTIONS} metrics connections ({} idle, {} half-sent) opened in {:.1} s; \
-         agent fds: baseline {base_fds}, max {max_fds} (cap {MAX_METRICS_CONNECTIONS})",
+         agent fds: baseline {base_fds}, max {max_fds}; metrics connections held: max {max_held} (cap {MAX_METRICS_CONNECTIONS})",
         idle.len(),
         half.len(),
         open_time.as_secs_f64()

@@ -68,6 +68,49 @@ pub(crate) fn open_fds(pid: u32) -> usize {
         .count()
 }
 
+/// Accepted TCP connections on local `port` that process `pid` holds open:
+/// its socket descriptors matched by inode against `/proc/<pid>/net/tcp`
+/// and `tcp6`, the listening socket left out. Sockets that open or close
+/// between the two reads are missed, never counted twice, so a maximum of
+/// samples never exceeds what the process held.
+pub(crate) fn connections_on_port(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/pid/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut held = 0;
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        // sl local_address rem_address st ... inode: the local port is the
+        // hex after the colon, state 0A is LISTEN, the inode is field 9.
+        for fields in text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        {
+            let local_port = fields[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && fields[3] != "0A" && inodes.contains(fields[9]) {
+                held += 1;
+            }
+        }
+    }
+    held
+}
+
 /// "Max open files" soft and hard limits of a process.
 pub(crate) fn max_open_files(pid: u32) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("/proc/pid/limits");
