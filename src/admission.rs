@@ -63,6 +63,17 @@ pub enum Admitted {
     Refused,
 }
 
+#[cfg(test)]
+impl Admitted {
+    /// The ticket of an admitted connection; panics when it was refused.
+    pub(crate) fn ticket(self) -> Ticket {
+        match self {
+            Admitted::Yes(t) | Admitted::Evicting(t) => t,
+            Admitted::Refused => panic!("refused"),
+        }
+    }
+}
+
 /// Holds a place under the cap for one connection; gives it back on drop.
 pub struct Ticket {
     admission: Arc<Admission>,
@@ -197,13 +208,6 @@ impl Drop for Ticket {
 mod tests {
     use super::*;
 
-    fn ticket(a: Admitted) -> Ticket {
-        match a {
-            Admitted::Yes(t) | Admitted::Evicting(t) => t,
-            Admitted::Refused => panic!("refused"),
-        }
-    }
-
     fn is_evicted(t: &Ticket) -> bool {
         t.slot.evict.is_cancelled()
     }
@@ -211,9 +215,9 @@ mod tests {
     #[test]
     fn evicts_the_oldest_never_served_then_refuses_when_all_are_served() {
         let admission = Admission::new(3);
-        let a = ticket(admission.admit());
-        let b = ticket(admission.admit());
-        let c = ticket(admission.admit());
+        let a = admission.admit().ticket();
+        let b = admission.admit().ticket();
+        let c = admission.admit().ticket();
         a.served();
         // At the cap: b is the oldest that never completed a request.
         let d = match admission.admit() {
@@ -222,14 +226,14 @@ mod tests {
         };
         assert!(is_evicted(&b) && !is_evicted(&a) && !is_evicted(&c));
         drop(b); // its task ends; the slot was already given away
-        let e = ticket(admission.admit());
+        let e = admission.admit().ticket();
         assert!(is_evicted(&c));
         d.served();
         e.served();
         assert!(matches!(admission.admit(), Admitted::Refused));
         // A served connection that closes frees its place.
         drop(a);
-        let f = ticket(admission.admit());
+        let f = admission.admit().ticket();
         assert!(matches!(admission.admit(), Admitted::Evicting(_)));
         assert!(is_evicted(&f));
         drop((c, d, e));
@@ -240,8 +244,8 @@ mod tests {
     #[test]
     fn a_connection_leaving_is_told_whether_an_eviction_came_first() {
         let admission = Admission::new(2);
-        let a = ticket(admission.admit());
-        let b = ticket(admission.admit());
+        let a = admission.admit().ticket();
+        let b = admission.admit().ticket();
         // a closes for its own reason before any newcomer: its place is
         // free at once, so the next newcomer evicts nobody.
         assert!(a.leave());
@@ -266,15 +270,15 @@ mod tests {
     #[test]
     fn evict_oldest_policy_never_refuses() {
         let admission = Admission::with_policy(2, WhenAllServed::EvictOldest);
-        let a = ticket(admission.admit());
-        let b = ticket(admission.admit());
+        let a = admission.admit().ticket();
+        let b = admission.admit().ticket();
         a.served_mark().served();
         // b never served: it goes first.
-        let c = ticket(admission.admit());
+        let c = admission.admit().ticket();
         assert!(is_evicted(&b) && !is_evicted(&a));
         c.served();
         // All served: the oldest, a, gives way instead of a refusal.
-        let d = ticket(admission.admit());
+        let d = admission.admit().ticket();
         assert!(is_evicted(&a) && !is_evicted(&c));
         drop((a, b, c, d));
     }

@@ -369,13 +369,6 @@ mod tests {
     use crate::test_support::counter;
     use metrics_util::debugging::DebuggingRecorder;
 
-    fn admitted(a: Admitted) -> Ticket {
-        match a {
-            Admitted::Yes(t) | Admitted::Evicting(t) => t,
-            Admitted::Refused => panic!("refused"),
-        }
-    }
-
     #[test]
     fn a_failed_handshake_frees_its_place_and_is_counted_unless_evicted_first() {
         let recorder = DebuggingRecorder::new();
@@ -385,7 +378,7 @@ mod tests {
 
         // Its place is free once the failure is counted: the next newcomer
         // evicts nobody.
-        let failed = admitted(admission.admit());
+        let failed = admission.admit().ticket();
         deny_after_handshake(&peers, &failed, DenyReason::TlsBadCertificate);
         let newcomer = match admission.admit() {
             Admitted::Yes(t) => t,
