@@ -52,20 +52,20 @@ impl SocketBudget {
     }
 }
 
-/// Accepts the next connection once the budget has room for it, or
+/// Accepts the next connection once `sockets` has room for it, or
 /// returns None once `cancel` fires. A failed accept (usually EMFILE) is
 /// logged and retried after a pause instead of spinning. `what` names the
 /// listener in the log.
 pub(crate) async fn accept(
     listener: &TcpListener,
-    budget: &SocketBudget,
+    sockets: &SocketBudget,
     cancel: &CancellationToken,
     what: &str,
 ) -> Option<(TcpStream, SocketAddr, SocketPermit)> {
     let permit = tokio::select! {
         _ = cancel.cancelled() => return None,
         // The semaphore is never closed, so acquiring only waits.
-        permit = Arc::clone(&budget.0).acquire_owned() => SocketPermit { _held: permit.ok()? },
+        permit = Arc::clone(&sockets.0).acquire_owned() => SocketPermit { _held: permit.ok()? },
     };
     loop {
         tokio::select! {
@@ -89,18 +89,18 @@ mod tests {
     async fn stops_accepting_while_twice_the_cap_is_held() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (budget, cancel) = (SocketBudget::for_cap(1), CancellationToken::new());
+        let (sockets, cancel) = (SocketBudget::for_cap(1), CancellationToken::new());
         // Each client's handshake is complete once connect returns: all
         // four wait in the listen backlog, ready to be accepted.
         let mut clients = Vec::new();
         for _ in 0..4 {
             clients.push(TcpStream::connect(addr).await.unwrap());
         }
-        let first = accept(&listener, &budget, &cancel, "test").await.unwrap();
-        let _second = accept(&listener, &budget, &cancel, "test").await.unwrap();
+        let first = accept(&listener, &sockets, &cancel, "test").await.unwrap();
+        let _second = accept(&listener, &sockets, &cancel, "test").await.unwrap();
 
         // Two sockets for a cap of one: the third stays in the backlog...
-        let third = accept(&listener, &budget, &cancel, "test");
+        let third = accept(&listener, &sockets, &cancel, "test");
         tokio::pin!(third);
         let waited = tokio::time::timeout(Duration::from_millis(100), &mut third).await;
         assert!(waited.is_err(), "accepted beyond the budget");
@@ -111,6 +111,6 @@ mod tests {
 
         // Shutdown ends the wait for room.
         cancel.cancel();
-        assert!(accept(&listener, &budget, &cancel, "test").await.is_none());
+        assert!(accept(&listener, &sockets, &cancel, "test").await.is_none());
     }
 }

@@ -73,11 +73,11 @@ impl<S: Storage> Server<S> {
     /// Accepts until `cancel` fires; connection tasks join `tracker`.
     pub async fn run(self, tracker: TaskTracker, cancel: CancellationToken) {
         let admission = Admission::new(self.max_connections);
-        let budget = SocketBudget::for_cap(self.max_connections);
+        let sockets = SocketBudget::for_cap(self.max_connections);
         let mut rejections = Throttle::new(REJECTION_LOG_PERIOD);
         loop {
             let Some((stream, remote, permit)) =
-                accept(&self.listener, &budget, &cancel, "peer listener").await
+                accept(&self.listener, &sockets, &cancel, "peer listener").await
             else {
                 return;
             };

@@ -210,11 +210,11 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 /// Accepts and serves connections until `cancel` fires.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: CancellationToken) {
     let admission = Admission::with_policy(endpoint.max_connections, WhenAllServed::EvictOldest);
-    let budget = SocketBudget::for_cap(endpoint.max_connections);
+    let sockets = SocketBudget::for_cap(endpoint.max_connections);
     let endpoint = Arc::new(endpoint);
     loop {
         let Some((stream, remote, permit)) =
-            accept(&listener, &budget, &cancel, "metrics endpoint").await
+            accept(&listener, &sockets, &cancel, "metrics endpoint").await
         else {
             return;
         };
