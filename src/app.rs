@@ -267,32 +267,29 @@ fn warn_if_open(resolved: &Resolved) {
 /// metrics connection holds a descriptor, and the usual soft default (1024)
 /// is far below what a busy agent needs.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // `None` is unlimited; shown as such in the log line.
+    let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+    let raised = Rlimit {
+        current: lim.maximum,
+        ..lim
     };
-    // SAFETY: `lim` is a valid, writable rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        tracing::warn!("cannot read the open-files limit");
-        return;
-    }
-    let before = lim.rlim_cur;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: as above; only the soft limit changes, within the hard limit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+    if lim.current != lim.maximum {
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
             tracing::warn!(
-                soft = before,
-                hard = lim.rlim_max,
+                soft = %show(lim.current),
+                hard = %show(lim.maximum),
+                error = %std::io::Error::from(e),
                 "cannot raise the open-files limit"
             );
             return;
         }
     }
     tracing::info!(
-        soft_before = before,
-        soft = lim.rlim_cur,
-        hard = lim.rlim_max,
+        soft_before = %show(lim.current),
+        soft = %show(raised.current),
+        hard = %show(raised.maximum),
         "open-files limit"
     );
 }

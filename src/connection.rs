@@ -435,10 +435,12 @@ impl<S: PeerStream> Connection<S> {
 /// Bytes written to `stream` that the peer has not acknowledged yet
 /// (0 when unknown).
 #[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
 fn unacknowledged_bytes(stream: &TcpStream) -> usize {
     use std::os::fd::AsRawFd;
     let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int for a TCP socket.
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int for a TCP socket, and
+    // `n` is a valid, writable int; no wrapper crate offers it safely.
     let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
     if rc == 0 {
         usize::try_from(n).unwrap_or(0)

@@ -96,6 +96,7 @@ impl Timer {
 }
 
 #[inline(always)]
+#[allow(unsafe_code)]
 fn rdtsc() -> u64 {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: rdtsc has no preconditions; x86_64 always has it.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use metrics::Gauge;
 use metrics_exporter_prometheus::formatting::write_metric_line;
+use rustix::process::Resource;
 use tokio_util::sync::CancellationToken;
 
 use super::defs::*;
@@ -91,33 +92,38 @@ impl ProcessStats {
     /// Reads the set now.
     pub fn read() -> Self {
         let mut stats = ProcessStats {
-            open_fds: std::fs::read_dir("/proc/self/fd")
-                .ok()
-                .map(|d| d.count() as f64),
-            max_fds: soft_limit(libc::RLIMIT_NOFILE),
-            virtual_max_bytes: soft_limit(libc::RLIMIT_AS),
+            max_fds: soft_limit(Resource::Nofile),
+            virtual_max_bytes: soft_limit(Resource::As),
             ..Self::default()
         };
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        // SAFETY: as above.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+        #[cfg(target_os = "linux")]
+        stats.read_proc();
+        stats
+    }
+
+    /// The figures only Linux's `/proc` has; elsewhere they are left out.
+    #[cfg(target_os = "linux")]
+    fn read_proc(&mut self) {
+        self.open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as f64);
+        let hz = rustix::param::clock_ticks_per_second() as f64;
+        let page = rustix::param::page_size() as f64;
         if let Some(stat) = std::fs::read_to_string("/proc/self/stat")
             .ok()
             .and_then(|s| StatFields::parse(&s))
         {
             if hz > 0.0 {
-                stats.cpu_seconds = Some((stat.utime + stat.stime) as f64 / hz);
-                stats.start_time_seconds =
+                self.cpu_seconds = Some((stat.utime + stat.stime) as f64 / hz);
+                self.start_time_seconds =
                     boot_time().map(|boot| boot as f64 + stat.starttime as f64 / hz);
             }
-            stats.threads = Some(stat.num_threads as f64);
-            stats.virtual_bytes = Some(stat.vsize as f64);
+            self.threads = Some(stat.num_threads as f64);
+            self.virtual_bytes = Some(stat.vsize as f64);
             if page > 0.0 {
-                stats.resident_bytes = Some(stat.rss_pages as f64 * page);
+                self.resident_bytes = Some(stat.rss_pages as f64 * page);
             }
         }
-        stats
     }
 
     fn by_name(&self) -> [(&'static str, Option<f64>); 8] {
@@ -172,15 +178,14 @@ fn boot_time() -> Option<u64> {
         .ok()
 }
 
-/// A soft resource limit; `RLIM_INFINITY` is 2^64 - 1, which renders as
-/// 1.8446744073709552e19 like client_golang's.
-fn soft_limit(resource: libc::__rlimit_resource_t) -> Option<f64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable rlimit.
-    (unsafe { libc::getrlimit(resource, &mut lim) } == 0).then_some(lim.rlim_cur as f64)
+/// A soft resource limit; unlimited reads as 2^64 - 1 (`RLIM_INFINITY`),
+/// which renders as 1.8446744073709552e19 like client_golang's.
+fn soft_limit(resource: Resource) -> Option<f64> {
+    Some(
+        rustix::process::getrlimit(resource)
+            .current
+            .unwrap_or(u64::MAX) as f64,
+    )
 }
 
 /// Writes the process families into a scrape.
@@ -278,16 +283,11 @@ impl Default for ProcessSampler {
 
 /// CPU time (user + system) of the whole process, to the nanosecond.
 pub fn process_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 #[cfg(test)]

@@ -59,16 +59,8 @@ impl Tmpfs {
 
     /// Bytes still free.
     pub fn free_bytes(&self) -> u64 {
-        let path = std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: statvfs is plain old data; all zeroes is a valid value.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid NUL-terminated path and a valid, writable statvfs.
-        assert_eq!(
-            unsafe { libc::statvfs(path.as_ptr(), &mut st) },
-            0,
-            "statvfs"
-        );
-        st.f_bfree as u64 * st.f_frsize as u64
+        let st = rustix::fs::statvfs(self.path()).expect("statvfs");
+        st.f_bfree * st.f_frsize
     }
 }
 

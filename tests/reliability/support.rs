@@ -25,34 +25,19 @@ pub(crate) struct FdLimits {
 pub(crate) fn fd_limits() -> FdLimits {
     static LIMITS: OnceLock<FdLimits> = OnceLock::new();
     *LIMITS.get_or_init(|| {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: `lim` is a valid, writable rlimit.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) },
-            0,
-            "getrlimit"
-        );
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        // Unlimited reads as u64::MAX, as RLIM_INFINITY is.
+        let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX);
         // This process needs a few thousand descriptors (test 1 alone holds
         // 3,000 sockets); keep three quarters of the hard limit.
-        let lowered = lim.rlim_max / 4 * 3;
-        lim.rlim_cur = if lowered >= 6000 {
-            lowered
-        } else {
-            lim.rlim_max
+        let lowered = hard / 4 * 3;
+        let soft = if lowered >= 6000 { lowered } else { hard };
+        let lim = Rlimit {
+            current: Some(soft),
+            maximum: Some(hard),
         };
-        // SAFETY: as above; the soft limit stays within the hard limit.
-        assert_eq!(
-            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
-            0,
-            "setrlimit"
-        );
-        FdLimits {
-            soft: lim.rlim_cur,
-            hard: lim.rlim_max,
-        }
+        setrlimit(Resource::Nofile, lim).expect("setrlimit");
+        FdLimits { soft, hard }
     })
 }
 

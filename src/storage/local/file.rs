@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::ErrorKind;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -186,20 +185,13 @@ pub(super) fn free_bytes(path: &Path) -> Option<u64> {
         Some(dir) => dir,
         None => Path::new("."),
     };
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs is plain old data; all zeroes is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid NUL-terminated path and a valid, writable statvfs.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    // SAFETY: geteuid cannot fail.
-    let blocks = if unsafe { libc::geteuid() } == 0 {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    let blocks = if rustix::process::geteuid().is_root() {
         st.f_bfree
     } else {
         st.f_bavail
     };
-    Some((blocks as u64).saturating_mul(st.f_frsize as u64))
+    Some(blocks.saturating_mul(st.f_frsize))
 }
 
 #[cfg(test)]
