@@ -1,7 +1,8 @@
 //! Packaging, as far as this machine can run it: the systemd unit passes
 //! `systemd-analyze verify` and the agent really notifies systemd; the
 //! Dockerfile's HEALTHCHECK command passes against a running agent (Docker
-//! itself cannot run here); completions and the manual page are generated.
+//! itself cannot run here) and its toolchain is the enforced one;
+//! completions and the manual page are generated.
 
 mod common;
 
@@ -116,6 +117,43 @@ fn dockerfile_healthcheck_passes_against_a_running_agent_and_fails_without_one()
         "healthy agent reported unhealthy"
     );
     assert!(!run(free_port()), "no agent, yet healthy");
+}
+
+/// `rust-version` from Cargo.toml: the toolchain CI checks with.
+fn rust_version() -> String {
+    let cargo = std::fs::read_to_string(repo("Cargo.toml")).unwrap();
+    cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("rust-version in Cargo.toml")
+        .to_string()
+}
+
+#[test]
+fn dockerfile_builds_with_the_rust_version_cargo_toml_names() {
+    let dockerfile = std::fs::read_to_string(repo("packaging/Dockerfile")).unwrap();
+    let from: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM rust:"))
+        .collect();
+    assert_eq!(from.len(), 1, "one rust build stage: {from:?}");
+    let image_version = from[0].split('-').next().unwrap();
+    assert_eq!(
+        image_version,
+        rust_version(),
+        "packaging/Dockerfile builds FROM rust:{image_version}, Cargo.toml says \
+         rust-version = {}: change both together",
+        rust_version()
+    );
+    // The build stage builds what the x86_64 release archive ships.
+    assert!(dockerfile.contains(
+        "cargo build --release --locked --bin agent --target \"$(uname -m)-unknown-linux-musl\""
+    ));
+    let dist = std::fs::read_to_string(repo("packaging/dist.sh")).unwrap();
+    assert!(dist
+        .contains("cargo \"+$toolchain\" build --release --locked --bin agent --target \"$musl\""));
+    assert!(dist.contains("musl=x86_64-unknown-linux-musl"));
 }
 
 #[test]

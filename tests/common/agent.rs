@@ -31,6 +31,10 @@ pub struct AgentOptions {
     /// Wait for the "agent ready" log line.
     pub wait_ready: bool,
     pub args: Vec<String>,
+    /// The command that runs the agent, in place of this build's binary:
+    /// another build (a cross-compiled or static one), possibly behind a
+    /// runner such as `qemu-aarch64 -L /usr/aarch64-linux-gnu`.
+    pub program: Option<Vec<String>>,
 }
 
 impl Default for AgentOptions {
@@ -42,6 +46,7 @@ impl Default for AgentOptions {
             metrics_port: None,
             wait_ready: true,
             args: Vec::new(),
+            program: None,
         }
     }
 }
@@ -108,7 +113,14 @@ impl Agent {
     fn spawn(opts: &AgentOptions, dir: Arc<tempfile::TempDir>) -> Agent {
         let peer_port = opts.peer_port.unwrap_or_else(free_port);
         let metrics_port = opts.metrics_port.unwrap_or_else(free_port);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+        let mut cmd = match opts.program.as_deref() {
+            Some([program, args @ ..]) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                cmd
+            }
+            _ => Command::new(env!("CARGO_BIN_EXE_agent")),
+        };
         // No inherited AGENT_* settings: only the harness's and the test's own.
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AGENT_")) {
             cmd.env_remove(k);
