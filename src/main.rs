@@ -103,6 +103,8 @@ fn print_bytes(bytes: &[u8]) -> ExitCode {
 /// uses, about 60 ms per check here. The agent remembers a verified
 /// credential, so the cost is paid once per scraper, not per scrape.
 const BCRYPT_COST: u32 = 10;
+/// The longest password bcrypt reads whole.
+const BCRYPT_MAX_BYTES: usize = 72;
 
 /// Reads one password (up to the first newline, which is not part of it)
 /// from stdin and prints its bcrypt hash.
@@ -116,6 +118,16 @@ fn hash_password() -> ExitCode {
     let password = password.strip_suffix('\r').unwrap_or(password);
     if password.is_empty() {
         eprintln!("agent: empty password on standard input");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    // bcrypt reads only the first 72 bytes: a longer password would be
+    // accepted with anything after its 72nd byte.
+    if password.len() > BCRYPT_MAX_BYTES {
+        eprintln!(
+            "agent: the password is {} bytes; bcrypt uses only the first {BCRYPT_MAX_BYTES}, \
+             so choose one of at most {BCRYPT_MAX_BYTES} bytes",
+            password.len()
+        );
         return ExitCode::from(EXIT_CONFIG);
     }
     match bcrypt::hash(password, BCRYPT_COST) {

@@ -713,6 +713,44 @@ fn the_documented_openssl_recipe_makes_certificates_two_agents_accept() {
     );
 }
 
+/// `agent hash-password` with `password` on stdin: (exit code, stdout, stderr).
+fn hash_password(password: &[u8]) -> (Option<i32>, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(password).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// bcrypt reads 72 bytes: a longer password is refused rather than hashed
+/// into one that any string with the same first 72 bytes matches.
+#[test]
+fn hash_password_refuses_passwords_bcrypt_would_cut() {
+    let (code, stdout, stderr) = hash_password(&[b'A'; 73]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("agent: the password is 73 bytes; bcrypt uses only the first 72"),
+        "{stderr}"
+    );
+    // 72 bytes, the most bcrypt reads, is hashed; multi-byte characters count as bytes.
+    let (code, stdout, _) = hash_password(&[b'A'; 72]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("$2b$10$"), "{stdout}");
+    let (code, _, stderr) = hash_password("é".repeat(37).as_bytes());
+    assert_eq!(code, Some(2), "74 bytes in 37 characters: {stderr}");
+}
+
 #[test]
 fn hash_password_makes_a_hash_the_endpoint_accepts() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
