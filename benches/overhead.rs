@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+use agent::config::DEFAULT_CACHE_SIZE;
 use agent::handler::Handler;
 use agent::storage::{Instrumented, LocalStore, Storage};
 use agent::telemetry::{
@@ -80,7 +81,9 @@ fn storage_ops(c: &mut Criterion) {
     let mut group = c.benchmark_group("storage_local");
     for on in [false, true] {
         let path = dir.path().join(format!("{}.db", mode(on)));
-        let store = rt.block_on(LocalStore::open(&path)).expect("open db");
+        let store = rt
+            .block_on(LocalStore::open(&path, DEFAULT_CACHE_SIZE))
+            .expect("open db");
         let store = setup.with(on, || Instrumented::new(store));
         rt.block_on(async {
             for i in 0..1000 {
@@ -124,6 +127,7 @@ fn message_path(c: &mut Criterion) {
         let store = rt
             .block_on(LocalStore::open(
                 &dir.path().join(format!("{}.db", mode(on))),
+                DEFAULT_CACHE_SIZE,
             ))
             .expect("open db");
         let handler = setup.with(on, || Handler::new(Instrumented::new(store)));

@@ -222,12 +222,26 @@ pub struct StorageConfig {
 pub struct LocalConfig {
     /// `storage.local.path`: the redb file; parent directories are created.
     pub path: PathBuf,
+    /// `storage.local.cache_size`: bytes of database pages redb keeps in
+    /// memory. redb's own default, 1 GiB, let a large database take a
+    /// healthy idle agent over the 1 GiB `HighMemory` alert; pages beyond
+    /// the cache are read through the kernel's page cache instead.
+    pub cache_size: usize,
 }
+
+/// `storage.local.cache_size` by default: 64 MiB, enough for the hot keys
+/// of a node agent, and small beside what the alert allows.
+pub const DEFAULT_CACHE_SIZE: usize = 64 * 1024 * 1024;
+
+/// The smallest `storage.local.cache_size`: below a megabyte redb rereads
+/// its own index pages on almost every operation.
+const MIN_CACHE_SIZE: usize = 1024 * 1024;
 
 impl Default for LocalConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("./data/agent.db"),
+            cache_size: DEFAULT_CACHE_SIZE,
         }
     }
 }
@@ -452,23 +466,15 @@ impl Config {
     /// `AGENT_*` environment, and validates the result.
     pub fn load(file: Option<&Path>) -> Result<(Config, Resolved), ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        match file {
-            Some(path) => {
-                // figment silently skips a missing file; an operator who named
-                // one must hear about it.
-                std::fs::read_to_string(path).map_err(|e| {
-                    invalid(
-                        "",
-                        format!("cannot read config file {}: {e}", path.display()),
-                    )
-                })?;
-                figment = figment.merge(Yaml::file_exact(path));
-            }
-            None => {
-                if Path::new(DEFAULT_CONFIG_FILE).exists() {
-                    figment = figment.merge(Yaml::file_exact(DEFAULT_CONFIG_FILE));
-                }
-            }
+        // figment silently skips a missing file; an operator who named one
+        // must hear about it.
+        let file = file.or_else(|| {
+            let default = Path::new(DEFAULT_CONFIG_FILE);
+            default.exists().then_some(default)
+        });
+        if let Some(path) = file {
+            check_holds_keys(path)?;
+            figment = figment.merge(Yaml::file_exact(path));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
         let config: Config = figment.extract().map_err(from_figment)?;
@@ -513,6 +519,15 @@ impl Config {
         }
         if self.network.ping_interval.is_zero() {
             return Err(invalid("network.ping_interval", "must be greater than 0"));
+        }
+        if self.storage.local.cache_size < MIN_CACHE_SIZE {
+            return Err(invalid(
+                "storage.local.cache_size",
+                format!(
+                    "must be at least {MIN_CACHE_SIZE} (1 MiB), got {}",
+                    self.storage.local.cache_size
+                ),
+            ));
         }
         if self.network.max_redial_backoff.is_zero() {
             return Err(invalid(
@@ -894,6 +909,37 @@ fn did_you_mean(unknown: &str, expected: &[&str]) -> Option<String> {
         .map(|(_, k)| k.to_string())
 }
 
+/// Reads a configuration file and refuses one that holds no keys: empty or
+/// only comments, as a truncated write or an editor gone wrong leaves it.
+/// Taken as "all defaults", it would silently empty the allow-lists and the
+/// peers, at startup and on reload alike. The built-in defaults are for an
+/// agent started without a file.
+fn check_holds_keys(path: &Path) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            "",
+            format!("cannot read config file {}: {e}", path.display()),
+        )
+    })?;
+    let empty = match serde_yaml::from_str::<serde_yaml::Value>(&text) {
+        Ok(serde_yaml::Value::Null) => true,
+        Ok(serde_yaml::Value::Mapping(keys)) => keys.is_empty(),
+        // Not a mapping, or not YAML: figment says what is wrong.
+        _ => false,
+    };
+    if empty {
+        return Err(invalid(
+            "",
+            format!(
+                "config file {} holds no keys (it is empty or only comments); \
+                 to run on the built-in defaults, start the agent without a config file",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn from_figment(err: figment::Error) -> ConfigError {
     use figment::error::Kind;
     let key = err.path.join(".");
@@ -955,7 +1001,8 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        let (cfg, resolved) = load_yaml("").unwrap();
+        // No file (an empty one is an error, see check_holds_keys).
+        let (cfg, resolved) = in_jail(|_| Config::load(None)).unwrap();
         assert_eq!(cfg, Config::default());
         assert_eq!(resolved.listen, "0.0.0.0:7070".parse().unwrap());
         assert_eq!(resolved.metrics_addr, "0.0.0.0:8080".parse().unwrap());
@@ -1022,6 +1069,14 @@ mod tests {
             (
                 "network:\n  max_buffered_bytes: 1048575\n",
                 "network.max_buffered_bytes",
+            ),
+            (
+                "storage:\n  local:\n    cache_size: 1000\n",
+                "storage.local.cache_size",
+            ),
+            (
+                "storage:\n  local:\n    cache_size: -1\n",
+                "storage.local.cache_size",
             ),
             ("network:\n  idle_timeout: soon\n", "network.idle_timeout"),
             ("network:\n  peers: [\"nohost\"]\n", "network.peers[0]"),

@@ -349,3 +349,37 @@ fn peer_address_in_use_exits_naming_it() {
 fn metrics_address_in_use_exits_naming_it() {
     assert_address_in_use("metrics");
 }
+
+#[test]
+fn a_config_file_with_no_keys_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("empty.yaml", ""),
+        (
+            "comments.yaml",
+            "# all commented out\n#metrics:\n#  port: 9100\n\n",
+        ),
+        ("braces.yaml", "{}\n"),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        for args in [&["-c", name, "check-config"][..], &["-c", name]] {
+            assert_config_error(
+                &format!("{name} {args:?}"),
+                run_agent(dir.path(), args, &[]),
+                &[name, "holds no keys"],
+            );
+        }
+    }
+    // The file found by default, ./agent.yaml, too.
+    std::fs::write(dir.path().join("agent.yaml"), "").unwrap();
+    assert_config_error(
+        "./agent.yaml",
+        run_agent(dir.path(), &["check-config"], &[]),
+        &["agent.yaml", "holds no keys"],
+    );
+    // Without a file the built-in defaults still serve.
+    std::fs::remove_file(dir.path().join("agent.yaml")).unwrap();
+    let (code, stdout, _) = run_agent(dir.path(), &["check-config"], &[]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("port: 8080"), "{stdout}");
+}

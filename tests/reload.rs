@@ -96,3 +96,33 @@ fn sighup_applies_live_keys_names_the_others_and_survives_a_bad_file() {
     assert_eq!(agent.connect().get("k")["value"], "v");
     assert!(agent.terminate().success());
 }
+
+/// A configuration file truncated to nothing (or to comments) is not "all
+/// defaults": the reload fails and the allow-list stays in force.
+#[test]
+fn a_reload_of_a_file_with_no_keys_keeps_the_running_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.yaml");
+    std::fs::write(&file, "metrics:\n  allowed_networks: [10.0.0.0/8]\n").unwrap();
+    let mut agent = Agent::start_with(AgentOptions {
+        args: vec!["-c".into(), file.display().to_string()],
+        ..AgentOptions::default()
+    });
+    assert_eq!(agent.http_get("/metrics").status, 403);
+    for (n, text) in [(1, ""), (2, "# metrics:\n#   allowed_networks: []\n")] {
+        std::fs::write(&file, text).unwrap();
+        reload(&mut agent, n);
+        let log = agent.log();
+        assert!(
+            log.matches("configuration reload failed; keeping the running configuration")
+                .count()
+                == n
+                && log.contains("holds no keys"),
+            "{log}"
+        );
+        assert!(!log.contains("configuration reloaded"), "{log}");
+        assert_eq!(agent.http_get("/metrics").status, 403);
+    }
+    assert_eq!(agent.connect().put("k", "v")["ok"], true);
+    assert!(agent.terminate().success());
+}

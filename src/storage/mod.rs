@@ -101,7 +101,9 @@ impl AnyBackend {
     /// Redis URLs come from `resolved`, with their passwords applied.
     pub async fn open(cfg: &StorageConfig, resolved: &Resolved) -> Result<Self, StorageError> {
         match cfg.backend {
-            BackendKind::Local => Ok(AnyBackend::Local(LocalStore::open(&cfg.local.path).await?)),
+            BackendKind::Local => Ok(AnyBackend::Local(
+                LocalStore::open(&cfg.local.path, cfg.local.cache_size).await?,
+            )),
             BackendKind::Redis => Ok(AnyBackend::Redis(
                 RedisStore::open(&cfg.redis, &resolved.redis_url).await?,
             )),

@@ -250,3 +250,49 @@ fn memory_stays_bounded_with_400_peers_and_1_mib_messages_and_returns_after() {
     );
     assert_no_panic(&agent);
 }
+
+/// Issue #28, item 5: redb's page cache was 1 GiB with no setting, so a
+/// large database took a healthy idle agent over the `HighMemory` alert.
+/// `storage.local.cache_size` bounds it: with an 8 MiB cache, writing and
+/// then reading back 80 MiB of values grows the agent by about the cache,
+/// not the data.
+#[test]
+fn a_database_larger_than_its_cache_does_not_grow_the_agent_with_it() {
+    const CACHE: u64 = 8 << 20;
+    const VALUE: usize = 512 << 10;
+    const VALUES: usize = 160;
+    let agent = start(AgentOptions::default().env("AGENT_STORAGE__LOCAL__CACHE_SIZE", CACHE));
+    let before = vm_rss_bytes(agent.pid());
+    let mut peer = agent.connect();
+    for i in 0..VALUES {
+        // Distinct values, so no page is shared between them.
+        let value = format!("{i:06}").repeat(VALUE / 6);
+        assert_eq!(peer.put(&format!("big{i}"), &value)["ok"], true);
+    }
+    for _ in 0..2 {
+        for i in 0..VALUES {
+            let reply = peer.get(&format!("big{i}"));
+            assert_eq!(reply["value"].as_str().map(str::len), Some(VALUE / 6 * 6));
+        }
+    }
+    drop(peer);
+    let after = peak_rss_until_quiet(&agent, Duration::from_millis(500));
+    let data = (VALUES * VALUE) as u64;
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "cache {:.0} MiB, data {:.0} MiB: RSS {:.1} -> {:.1} MiB (+{:.1})",
+        mib(CACHE),
+        mib(data),
+        mib(before),
+        mib(after),
+        mib(grown)
+    );
+    // The cache, one value's line and reply buffers, and the allocator's
+    // slack; a tenth of the data would already break it.
+    assert!(
+        grown < CACHE + (24 << 20),
+        "RSS grew by {:.1} MiB with an {:.0} MiB cache",
+        mib(grown),
+        mib(CACHE)
+    );
+}

@@ -163,6 +163,8 @@ fn fault(e: impl Into<redb::Error>) -> Fault {
 /// The local store's shared state.
 pub(super) struct Engine {
     path: PathBuf,
+    /// `storage.local.cache_size`, for reopening.
+    cache_size: usize,
     /// The file opened at startup; a reopen must find the same one.
     id: FileId,
     /// Keeps that file's inode from being reused while `id` is compared.
@@ -182,9 +184,10 @@ pub(super) struct Engine {
 }
 
 impl Engine {
-    pub(super) fn new(path: PathBuf, opened: Opened) -> Self {
+    pub(super) fn new(path: PathBuf, cache_size: usize, opened: Opened) -> Self {
         Self {
             path,
+            cache_size,
             id: opened.id,
             _anchor: opened.anchor,
             db: RwLock::new(Some(opened.db)),
@@ -435,7 +438,7 @@ impl Engine {
         if !file::names(&self.path, self.id) {
             return Err(Fault::Gone);
         }
-        match file::open_existing(&self.path) {
+        match file::open_existing(&self.path, self.cache_size) {
             Ok(opened) if opened.id == self.id => {
                 *slot = Some(opened.db);
                 Ok(())

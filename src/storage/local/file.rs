@@ -57,6 +57,7 @@ fn file_err(path: &Path, error: FileError) -> OpenError {
 pub(super) fn open_or_create(
     path: &Path,
     table: TableDefinition<&str, &str>,
+    cache_size: usize,
 ) -> Result<Opened, OpenError> {
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_file() => return Err(file_err(path, FileError::NotRegularFile)),
@@ -65,7 +66,7 @@ pub(super) fn open_or_create(
         Err(e) if e.kind() == ErrorKind::NotFound => create(path, table)?,
         Err(e) => return Err(file_err(path, FileError::PathMetadata(e))),
     }
-    let opened = open_existing(path).map_err(|e| file_err(path, e))?;
+    let opened = open_existing(path, cache_size).map_err(|e| file_err(path, e))?;
     // Create the table up front so readers never see it missing.
     let ensure = || -> Result<(), redb::Error> {
         let txn = opened.db.begin_write()?;
@@ -80,11 +81,12 @@ pub(super) fn open_or_create(
 /// Opens the existing database at `path` (also used to reopen it after a
 /// write error). A panic inside redb, which a damaged file can cause, is an
 /// error here, not a crash.
-pub(super) fn open_existing(path: &Path) -> Result<Opened, FileError> {
+pub(super) fn open_existing(path: &Path, cache_size: usize) -> Result<Opened, FileError> {
     let anchor = File::open(path).map_err(FileError::Open)?;
     let meta = anchor.metadata().map_err(FileError::FileMetadata)?;
     let id = FileId::of(&meta);
-    let db = match catch_unwind(AssertUnwindSafe(|| Database::open(path))) {
+    let open = || Database::builder().set_cache_size(cache_size).open(path);
+    let db = match catch_unwind(AssertUnwindSafe(open)) {
         Ok(Ok(db)) => db,
         Ok(Err(e)) => return Err(not_a_database(e)),
         Err(payload) => {
@@ -199,13 +201,17 @@ mod tests {
     use super::*;
 
     const TABLE: TableDefinition<&str, &str> = TableDefinition::new("kv");
+    const CACHE: usize = crate::config::DEFAULT_CACHE_SIZE;
 
     #[test]
     fn refuses_empty_and_foreign_files_and_leaves_them_alone() {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.db");
         std::fs::write(&empty, b"").unwrap();
-        let err = open_or_create(&empty, TABLE).err().unwrap().to_string();
+        let err = open_or_create(&empty, TABLE, CACHE)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("empty.db") && err.contains("is empty"),
             "{err}"
@@ -214,14 +220,20 @@ mod tests {
 
         let foreign = dir.path().join("foreign.db");
         std::fs::write(&foreign, vec![b'x'; 10_000]).unwrap();
-        let err = open_or_create(&foreign, TABLE).err().unwrap().to_string();
+        let err = open_or_create(&foreign, TABLE, CACHE)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("foreign.db") && err.contains("is not a redb database"),
             "{err}"
         );
         assert_eq!(std::fs::read(&foreign).unwrap(), vec![b'x'; 10_000]);
 
-        let err = open_or_create(dir.path(), TABLE).err().unwrap().to_string();
+        let err = open_or_create(dir.path(), TABLE, CACHE)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("not a regular file"), "{err}");
     }
 
@@ -231,7 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.db");
         std::fs::write(&empty, b"").unwrap();
-        let err = open_or_create(&empty, TABLE).err().unwrap();
+        let err = open_or_create(&empty, TABLE, CACHE).err().unwrap();
         assert!(
             matches!(&err, OpenError::File { path, error: FileError::Empty } if *path == empty),
             "{err:?}"
@@ -246,7 +258,7 @@ mod tests {
             )
         );
 
-        let err = open_or_create(dir.path(), TABLE).err().unwrap();
+        let err = open_or_create(dir.path(), TABLE, CACHE).err().unwrap();
         assert!(
             matches!(
                 &err,
@@ -267,7 +279,7 @@ mod tests {
 
         let foreign = dir.path().join("foreign.db");
         std::fs::write(&foreign, vec![b'x'; 10_000]).unwrap();
-        let err = open_or_create(&foreign, TABLE).err().unwrap();
+        let err = open_or_create(&foreign, TABLE, CACHE).err().unwrap();
         let OpenError::File {
             error: FileError::NotRedb(io),
             ..
@@ -285,8 +297,8 @@ mod tests {
 
         // Open twice: redb's lock refuses the second, as another agent would be.
         let path = dir.path().join("locked.db");
-        let _held = open_or_create(&path, TABLE).unwrap();
-        let err = open_existing(&path).err().unwrap();
+        let _held = open_or_create(&path, TABLE, CACHE).unwrap();
+        let err = open_existing(&path, CACHE).err().unwrap();
         assert!(matches!(err, FileError::AlreadyOpen), "{err:?}");
         assert!(!err.damaged());
         assert_eq!(
@@ -299,7 +311,7 @@ mod tests {
     fn creates_only_where_nothing_exists_and_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/new.db");
-        let opened = open_or_create(&path, TABLE).unwrap();
+        let opened = open_or_create(&path, TABLE, CACHE).unwrap();
         assert!(names(&path, opened.id));
         let entries: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
             .unwrap()

@@ -50,12 +50,13 @@ pub struct LocalStore {
 impl LocalStore {
     /// Opens the database at `path`, or creates it (and its parent
     /// directories) when nothing exists there. An empty or foreign file is
-    /// refused, never replaced.
-    pub async fn open(path: &Path) -> Result<Self, StorageError> {
+    /// refused, never replaced. redb keeps at most `cache_size` bytes of
+    /// pages in memory (`storage.local.cache_size`).
+    pub async fn open(path: &Path, cache_size: usize) -> Result<Self, StorageError> {
         let path = path.to_path_buf();
         let engine = tokio::task::spawn_blocking(move || {
-            let opened = file::open_or_create(&path, TABLE)?;
-            Ok::<_, OpenError>(Engine::new(path, opened))
+            let opened = file::open_or_create(&path, TABLE, cache_size)?;
+            Ok::<_, OpenError>(Engine::new(path, cache_size, opened))
         })
         .await
         .map_err(OpenError::OpenTask)??;
@@ -138,12 +139,13 @@ impl Storage for LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_CACHE_SIZE;
 
     #[tokio::test]
     async fn put_get_delete_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/dir/agent.db");
-        let store = LocalStore::open(&path).await.unwrap();
+        let store = LocalStore::open(&path, DEFAULT_CACHE_SIZE).await.unwrap();
         assert_eq!(store.get("k").await.unwrap(), None);
         store.put("k", "v1").await.unwrap();
         store.put("k", "v2").await.unwrap();
@@ -158,7 +160,7 @@ mod tests {
         );
         drop(store);
 
-        let store = LocalStore::open(&path).await.unwrap();
+        let store = LocalStore::open(&path, DEFAULT_CACHE_SIZE).await.unwrap();
         assert_eq!(store.get("k").await.unwrap().as_deref(), Some("v2"));
         assert_eq!(store.get("gone").await.unwrap(), None);
         store.close().await;
@@ -167,7 +169,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writers_share_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LocalStore::open(&dir.path().join("a.db")).await.unwrap());
+        let store = Arc::new(
+            LocalStore::open(&dir.path().join("a.db"), DEFAULT_CACHE_SIZE)
+                .await
+                .unwrap(),
+        );
         let mut tasks = Vec::new();
         for t in 0..8 {
             let store = Arc::clone(&store);
@@ -198,7 +204,7 @@ mod tests {
     async fn a_put_into_a_deleted_file_is_refused_not_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.db");
-        let store = LocalStore::open(&path).await.unwrap();
+        let store = LocalStore::open(&path, DEFAULT_CACHE_SIZE).await.unwrap();
         store.put("k", "v").await.unwrap();
         assert_eq!(store.health().readiness(), Ok(()));
         std::fs::remove_file(&path).unwrap();
