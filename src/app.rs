@@ -21,9 +21,13 @@ use crate::server::{PeerTlsAcceptor, Server};
 use crate::storage::{AnyBackend, Instrumented, Storage, StorageError};
 use crate::telemetry::{self, TelemetryError};
 
-/// Connections get this long to answer what they have read; the rest of
-/// the 10 s shutdown budget goes to closing storage.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(7);
+/// Connections get this long to answer what they have read.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(6);
+/// After the drain time, requests still waiting on storage are answered
+/// `shutting down`: connections get this long to write those replies, and
+/// every other one they hold. The rest of the 10 s shutdown budget goes to
+/// closing storage.
+const DEADLINE_FLUSH: Duration = Duration::from_secs(2);
 
 /// A failure that stops startup.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,7 @@ pub async fn run(
     tracing::info!(node = %config.node_id(), version = env!("CARGO_PKG_VERSION"), "starting agent");
     raise_fd_limit();
     let cancel = CancellationToken::new();
+    let drain_deadline = CancellationToken::new();
 
     let installed = telemetry::install(&config.metrics, &resolved).await?;
     let listener =
@@ -96,6 +101,7 @@ pub async fn run(
         }),
         idle_timeout: config.network.idle_timeout,
         budget: Budget::new(config.network.max_buffered_bytes),
+        drain_deadline: drain_deadline.clone(),
     };
     warn_if_open(&resolved);
     tracker.spawn(server.run(tracker.clone(), cancel.clone()));
@@ -151,7 +157,20 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!(timeout = ?DRAIN_TIMEOUT, "some connections did not finish in time; closing them");
+        tracing::warn!(
+            timeout = ?DRAIN_TIMEOUT,
+            "requests still wait on storage after the drain time; answering them 'shutting down'"
+        );
+        drain_deadline.cancel();
+        if tokio::time::timeout(DEADLINE_FLUSH, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout = ?DEADLINE_FLUSH,
+                "some connections did not take their last replies in time; closing them"
+            );
+        }
     }
     handler.storage().close().await;
     tracing::info!("agent stopped");

@@ -54,11 +54,20 @@ pub trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send {
     fn failed(&self) -> impl Future<Output = ()> + Send + '_ {
         std::future::pending()
     }
+
+    /// Makes the close that follows a reset (`SO_LINGER` 0): the kernel
+    /// drops what the peer has not taken instead of holding it for a peer
+    /// that does not read. Nothing, when the transport cannot.
+    fn reset_on_close(&self) {}
 }
 
 impl PeerStream for TcpStream {
     fn unacknowledged(&self) -> usize {
         unacknowledged_bytes(self)
+    }
+
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
     }
 
     async fn failed(&self) {
@@ -72,6 +81,10 @@ impl PeerStream for TcpStream {
 impl PeerStream for tokio_rustls::server::TlsStream<TcpStream> {
     fn unacknowledged(&self) -> usize {
         self.get_ref().0.unacknowledged()
+    }
+
+    fn reset_on_close(&self) {
+        self.get_ref().0.reset_on_close()
     }
 
     fn failed(&self) -> impl Future<Output = ()> + Send + '_ {
@@ -429,6 +442,18 @@ impl<S: PeerStream> Connection<S> {
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+    }
+
+    /// Whether the peer has acknowledged everything written (also when the
+    /// transport cannot tell).
+    pub fn delivered(&self) -> bool {
+        self.io.get_ref().get_ref().unacknowledged() == 0
+    }
+
+    /// Resets the connection when it is dropped, dropping what the peer
+    /// has not taken ([`PeerStream::reset_on_close`]).
+    pub fn reset_on_close(&self) {
+        self.io.get_ref().get_ref().reset_on_close();
     }
 }
 

@@ -5,6 +5,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BackendKind;
 use crate::peer_text::preview;
 use crate::protocol::{self, EchoId, FailReason, Failure, Outcome, Request};
 use crate::storage::Storage;
@@ -30,6 +33,14 @@ impl Decoded {
         matches!(self.request, Ok(Request::Get { .. }))
     }
 }
+
+/// The reply to a request whose storage operation had not started when the
+/// drain time of a shutdown was up.
+const NOT_RUN: &str = "shutting down: the request was not run";
+/// The reply to a request still waiting on storage when the drain time of a
+/// shutdown was up; the backend may still apply it.
+const CUT_SHORT: &str =
+    "shutting down: storage did not answer in time; the request may or may not have been applied";
 
 /// Message handling shared by every connection.
 pub struct Handler<S> {
@@ -120,6 +131,42 @@ impl<S: Storage> Handler<S> {
         self.reply(decoded.start, decoded.id.as_ref(), &outcome, out);
     }
 
+    /// Whether running `decoded` can keep its connection waiting long: a
+    /// round trip to Redis, or the durable commit of a local put or delete.
+    /// The server sends the replies it already has before such a request
+    /// waits. A local get is answered from memory in microseconds, so
+    /// pipelined gets keep sharing one write.
+    pub fn may_wait(&self, decoded: &Decoded) -> bool {
+        match decoded.request {
+            Ok(Request::Get { .. }) => self.storage.backend() != BackendKind::Local,
+            Ok(Request::Put { .. } | Request::Delete { .. }) => true,
+            Ok(Request::Ping) | Err(_) => false,
+        }
+    }
+
+    /// As [`Handler::execute`], but once `deadline` is cancelled (the drain
+    /// time of a shutdown is up) the request is answered `shutting down`
+    /// instead of waiting on storage any longer. The reason counted is
+    /// `storage`: the backend did not answer in time.
+    pub async fn execute_until(
+        &self,
+        decoded: Decoded,
+        out: &mut Vec<u8>,
+        deadline: &CancellationToken,
+    ) {
+        let shutting_down = |text| Outcome::Failed(Failure::new(FailReason::Storage, text));
+        let outcome = match decoded.request {
+            Ok(_) if deadline.is_cancelled() => shutting_down(NOT_RUN),
+            Ok(request) => tokio::select! {
+                biased;
+                () = deadline.cancelled() => shutting_down(CUT_SHORT),
+                outcome = self.run(request) => outcome,
+            },
+            Err(failure) => Outcome::Failed(failure),
+        };
+        self.reply(decoded.start, decoded.id.as_ref(), &outcome, out);
+    }
+
     /// Appends the reply for a line longer than the limit, which is counted
     /// like any other failed message.
     pub fn too_large(&self, limit: usize, out: &mut Vec<u8>) {
@@ -160,6 +207,7 @@ impl<S: Storage> Handler<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_CACHE_SIZE;
     use crate::storage::{Instrumented, LocalStore};
     use crate::telemetry::defs::{
         MESSAGES_FAILED_TOTAL, MESSAGES_RECEIVED_TOTAL, MESSAGE_PROCESSING_DURATION_SECONDS,
@@ -171,7 +219,9 @@ mod tests {
     #[tokio::test]
     async fn records_every_message_and_failure_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(&dir.path().join("db")).await.unwrap();
+        let store = LocalStore::open(&dir.path().join("db"), DEFAULT_CACHE_SIZE)
+            .await
+            .unwrap();
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let handler =

@@ -32,8 +32,13 @@ pub(crate) fn allowed(networks: &[IpNet], ip: IpAddr) -> bool {
 /// 15 of them from before the abuse. With this bound the listener stops
 /// accepting while the budget is spent; newcomers wait in the kernel's
 /// listen backlog, and the connections on their way out, which close at
-/// once or within a short flush timeout, make room.
-pub(crate) struct SocketBudget(Arc<Semaphore>);
+/// once or within a short flush timeout, make room. Each time the listener
+/// finds the budget spent it says so through `on_full` (the listeners
+/// count it and warn), so an operator can see why connections wait.
+pub(crate) struct SocketBudget {
+    sockets: Arc<Semaphore>,
+    on_full: Box<dyn Fn() + Send + Sync>,
+}
 
 /// One accepted socket's share of a [`SocketBudget`], given back on drop;
 /// the connection's task holds it until its socket is closed.
@@ -42,12 +47,19 @@ pub(crate) struct SocketPermit {
 }
 
 impl SocketBudget {
-    /// The budget of a listener capped at `max_connections` connections.
-    pub(crate) fn for_cap(max_connections: usize) -> Self {
+    /// The budget of a listener capped at `max_connections` connections;
+    /// `on_full` is called each time the listener stops accepting for it.
+    pub(crate) fn for_cap(
+        max_connections: usize,
+        on_full: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
         let sockets = max_connections
             .saturating_mul(2)
             .clamp(1, Semaphore::MAX_PERMITS);
-        Self(Arc::new(Semaphore::new(sockets)))
+        Self {
+            sockets: Arc::new(Semaphore::new(sockets)),
+            on_full: Box::new(on_full),
+        }
     }
 }
 
@@ -61,10 +73,16 @@ pub(crate) async fn accept(
     cancel: &CancellationToken,
     what: &str,
 ) -> Option<(TcpStream, SocketAddr, SocketPermit)> {
-    let permit = tokio::select! {
-        _ = cancel.cancelled() => return None,
-        // The semaphore is never closed, so acquiring only waits.
-        permit = Arc::clone(&sockets.0).acquire_owned() => SocketPermit { _held: permit.ok()? },
+    let permit = match Arc::clone(&sockets.sockets).try_acquire_owned() {
+        Ok(permit) => SocketPermit { _held: permit },
+        Err(_) => {
+            (sockets.on_full)();
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                // The semaphore is never closed, so acquiring only waits.
+                permit = Arc::clone(&sockets.sockets).acquire_owned() => SocketPermit { _held: permit.ok()? },
+            }
+        }
     };
     loop {
         tokio::select! {
@@ -88,7 +106,13 @@ mod tests {
     async fn stops_accepting_while_twice_the_cap_is_held() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (sockets, cancel) = (SocketBudget::for_cap(1), CancellationToken::new());
+        let full = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let told = Arc::clone(&full);
+        let sockets = SocketBudget::for_cap(1, move || {
+            told.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        let cancel = CancellationToken::new();
+        let full = move || full.load(std::sync::atomic::Ordering::Relaxed);
         // Each client's handshake is complete once connect returns: all
         // four wait in the listen backlog, ready to be accepted.
         let mut clients = Vec::new();
@@ -97,19 +121,24 @@ mod tests {
         }
         let first = accept(&listener, &sockets, &cancel, "test").await.unwrap();
         let _second = accept(&listener, &sockets, &cancel, "test").await.unwrap();
+        assert_eq!(full(), 0);
 
         // Two sockets for a cap of one: the third stays in the backlog...
         let third = accept(&listener, &sockets, &cancel, "test");
         tokio::pin!(third);
         let waited = tokio::time::timeout(Duration::from_millis(100), &mut third).await;
         assert!(waited.is_err(), "accepted beyond the budget");
+        // It said so once, when it started waiting.
+        assert_eq!(full(), 1);
         // ...until a socket held is closed.
         drop(first);
         let third = tokio::time::timeout(Duration::from_secs(10), third).await;
         assert!(matches!(third, Ok(Some(_))));
 
-        // Shutdown ends the wait for room.
+        // Shutdown ends the wait for room (the budget is spent again, and
+        // says so a second time).
         cancel.cancel();
         assert!(accept(&listener, &sockets, &cancel, "test").await.is_none());
+        assert_eq!(full(), 2);
     }
 }

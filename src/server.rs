@@ -22,7 +22,7 @@ use crate::net::{accept, allowed, SocketBudget};
 use crate::peers::Peers;
 use crate::protocol;
 use crate::storage::Storage;
-use crate::telemetry::DenyReason;
+use crate::telemetry::{sockets_full_alarm, DenyReason};
 use crate::throttle::Throttle;
 
 /// At most one warning about refused connections per this period.
@@ -34,8 +34,8 @@ const TOO_LARGE_DRAIN: Duration = Duration::from_secs(1);
 /// A reply's bytes besides its value: the id (at most
 /// `protocol::MAX_ID_BYTES`) and the reply's own fields, with room to spare.
 const REPLY_OVERHEAD: usize = 1024;
-/// How long an idle connection may take to flush what it still holds
-/// before it is closed anyway (its peer has not been reading).
+/// How long an idle connection may take to deliver what it still holds
+/// before it is reset (its peer has not been reading).
 const IDLE_CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 /// The inbound side of the peer protocol: accepts, admits and serves connections.
@@ -58,6 +58,9 @@ pub struct Server<S> {
     pub allowed_networks: Vec<IpNet>,
     /// Mutual TLS, when `network.tls` is set.
     pub tls: Option<PeerTlsAcceptor>,
+    /// Cancelled when the drain time of a shutdown is up: requests still
+    /// waiting on storage are answered `shutting down`, not dropped.
+    pub drain_deadline: CancellationToken,
 }
 
 /// The inbound half of peer TLS.
@@ -73,7 +76,10 @@ impl<S: Storage> Server<S> {
     /// Accepts until `cancel` fires; connection tasks join `tracker`.
     pub async fn run(self, tracker: TaskTracker, cancel: CancellationToken) {
         let admission = Admission::new(self.max_connections);
-        let sockets = SocketBudget::for_cap(self.max_connections);
+        let sockets = SocketBudget::for_cap(
+            self.max_connections,
+            sockets_full_alarm("peer", "network.max_connections", self.max_connections),
+        );
         let mut rejections = Throttle::new(REJECTION_LOG_PERIOD);
         loop {
             let Some((stream, remote, permit)) =
@@ -117,6 +123,7 @@ impl<S: Storage> Server<S> {
             let peers = self.peers.clone();
             let cancel = cancel.clone();
             let budget = Arc::clone(&self.budget);
+            let deadline = self.drain_deadline.clone();
             let (max_line, idle_timeout) = (self.max_line, self.idle_timeout);
             let Some(tls) = self.tls.clone() else {
                 let conn = Connection::tcp(stream, max_line)
@@ -126,7 +133,11 @@ impl<S: Storage> Server<S> {
                     let _permit = permit;
                     let _guard = peers.connected();
                     let mut log = ConnLog::open(remote, false);
-                    serve(conn, &handler, &peers, &budget, &ticket, &cancel, &mut log).await;
+                    let stop = Stop {
+                        cancel: &cancel,
+                        deadline: &deadline,
+                    };
+                    serve(conn, &handler, &peers, &budget, &ticket, stop, &mut log).await;
                     drop(ticket);
                 });
                 continue;
@@ -146,7 +157,11 @@ impl<S: Storage> Server<S> {
                         .with_budget(Arc::clone(&budget));
                     let _guard = peers.connected();
                     let mut log = ConnLog::open(remote, true);
-                    serve(conn, &handler, &peers, &budget, &ticket, &cancel, &mut log).await;
+                    let stop = Stop {
+                        cancel: &cancel,
+                        deadline: &deadline,
+                    };
+                    serve(conn, &handler, &peers, &budget, &ticket, stop, &mut log).await;
                 }
                 drop(ticket);
             });
@@ -236,7 +251,21 @@ fn classify(e: &std::io::Error) -> DenyReason {
     }
 }
 
+/// The two moments of a shutdown a connection acts on.
+#[derive(Clone, Copy)]
+struct Stop<'a> {
+    /// Stop reading; answer what was read.
+    cancel: &'a CancellationToken,
+    /// The drain time is up: what still waits on storage is answered
+    /// `shutting down`.
+    deadline: &'a CancellationToken,
+}
+
 /// Serves one connection: one reply per request line, in order.
+///
+/// Replies are batched into one write while they are cheap, and sent
+/// before any request that may wait on storage ([`Handler::may_wait`]), so
+/// a stalled backend never holds back an answer that already exists.
 ///
 /// Memory beyond the connection's fixed buffers comes from `budget`: for a
 /// long line (reserved by the connection as it reads, and kept while what
@@ -250,9 +279,10 @@ async fn serve<S: Storage, T: PeerStream>(
     peers: &Peers,
     budget: &Budget,
     ticket: &Ticket,
-    cancel: &CancellationToken,
+    stop: Stop<'_>,
     log: &mut ConnLog,
 ) {
+    let cancel = stop.cancel;
     // The longest reply beyond the fixed write buffer: a value as long as
     // the longest request, plus the id and the reply's own fields.
     let longest_reply = (conn.max_line() + REPLY_OVERHEAD).saturating_sub(FIXED_BUFFER);
@@ -308,7 +338,24 @@ async fn serve<S: Storage, T: PeerStream>(
                 Err(_) => return,
             };
         }
-        handler.execute(request, &mut out).await;
+        let ran = if handler.may_wait(&request) {
+            // The replies already made go out while this request waits.
+            let (flushed, ()) = tokio::join!(
+                conn.flush(),
+                handler.execute_until(request, &mut out, stop.deadline)
+            );
+            flushed
+        } else {
+            handler.execute(request, &mut out).await;
+            Ok(())
+        };
+        match ran {
+            Ok(()) => {}
+            Err(e) if connection::is_idle_timeout(&e) => {
+                return close_idle(conn, peers, ticket).await
+            }
+            Err(_) => return,
+        }
         if let Some(hold) = &mut hold {
             hold.shrink_to(out.capacity().saturating_sub(FIXED_BUFFER));
         }
@@ -359,7 +406,16 @@ async fn close_idle<T: PeerStream>(mut conn: Connection<T>, peers: &Peers, ticke
         peers.idle_closed();
     }
     tracing::debug!("closing a peer connection idle for network.idle_timeout");
-    let _ = tokio::time::timeout(IDLE_CLOSE_FLUSH, conn.shutdown()).await;
+    let deadline = tokio::time::Instant::now() + IDLE_CLOSE_FLUSH;
+    let flushed = tokio::time::timeout_at(deadline, conn.shutdown()).await;
+    conn.wait_delivered(deadline).await;
+    if !matches!(flushed, Ok(Ok(()))) || !conn.delivered() {
+        // The peer is not taking its replies. A plain close would leave
+        // the kernel holding them (megabytes, for minutes) and the peer
+        // reading EOF only once it had read them all; a reset frees them
+        // now, and the peer's next read fails.
+        conn.reset_on_close();
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent::telemetry::defs::MESSAGES_FAILED_TOTAL;
 use common::*;
@@ -345,4 +345,109 @@ fn storage_failures_are_logged_rate_limited_and_the_recovery_once() {
     assert_eq!(peer.get("k")["value"], "back");
     assert_eq!(peer.put("k", "again")["ok"], true);
     assert_eq!(recoveries(&agent).len(), 1);
+}
+
+/// 20 puts in one write against a paused Redis. Each times out after
+/// 500 ms, one after the other, so the last reply exists only after 10 s;
+/// every earlier one is sent as soon as it exists (docs/protocol.md), not
+/// held until no request is left to read.
+#[test]
+fn a_pipeline_under_a_stalled_redis_gets_each_reply_as_it_exists() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let agent = redis_agent(&server, &[]);
+    let mut peer = agent.connect();
+    assert_eq!(peer.put("k", "v")["ok"], true);
+    let pid = server.pid() as i32;
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let pipeline: String = (0..20)
+        .map(|i| format!("{{\"id\":{i},\"op\":\"put\",\"key\":\"p{i}\",\"value\":\"v\"}}\n"))
+        .collect();
+    let sent = Instant::now();
+    peer.send_raw(pipeline.as_bytes());
+    let mut arrivals = Vec::new();
+    for i in 0..20u32 {
+        let reply = peer.read_line().expect("a reply");
+        let arrived = sent.elapsed();
+        assert_eq!(
+            reply,
+            format!(r#"{{"id":{i},"ok":false,"error":"storage timed out after 500ms"}}"#)
+        );
+        // Reply i exists after i + 1 timeouts; it may arrive late on a
+        // loaded machine, but not after the whole pipeline's 10 s.
+        let ready = Duration::from_millis(500) * (i + 1);
+        assert!(
+            arrived >= ready - Duration::from_millis(50) && arrived < ready + PROMPT,
+            "reply {i} arrived after {arrived:?}; it was ready after {ready:?}"
+        );
+        arrivals.push(arrived);
+    }
+    eprintln!(
+        "replies arrived after {:?} (first), {:?} (tenth), {:?} (last)",
+        arrivals[0], arrivals[9], arrivals[19]
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    peer.wait_for_recovery();
+}
+
+/// SIGTERM while 4 peers each have 20 puts waiting on a paused Redis:
+/// every request the agent read is answered before its connection closes.
+/// Those that timed out within the drain time say so; those still waiting
+/// at its end are answered `shutting down`.
+#[test]
+fn sigterm_answers_every_request_read_while_redis_is_stalled() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mut agent = redis_agent(&server, &[]);
+    let mut peers: Vec<Peer> = (0..4).map(|_| agent.connect()).collect();
+    for peer in &mut peers {
+        assert_eq!(peer.put("k", "v")["ok"], true);
+    }
+    let pid = server.pid() as i32;
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    for (p, peer) in peers.iter_mut().enumerate() {
+        let pipeline: String = (0..20)
+            .map(|i| {
+                format!("{{\"id\":{i},\"op\":\"put\",\"key\":\"s{p}-{i}\",\"value\":\"v\"}}\n")
+            })
+            .collect();
+        peer.send_raw(pipeline.as_bytes());
+    }
+    // Each connection has read its pipeline once its first put is under way.
+    wait_for_value(&agent, "messages_received_total", &[], 8.0);
+    let signalled = Instant::now();
+    let status = agent.terminate();
+    eprintln!("exit {status:?} {:?} after SIGTERM", signalled.elapsed());
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    let (mut timed_out, mut shutting_down) = (0, 0);
+    for peer in &mut peers {
+        for i in 0..20 {
+            let reply = peer
+                .read_line()
+                .unwrap_or_else(|| panic!("EOF before reply {i}:\n{}", agent.log()));
+            let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+            assert_eq!((v["id"] == i, v["ok"] == false), (true, true), "{reply}");
+            match v["error"].as_str() {
+                Some("storage timed out after 500ms") => timed_out += 1,
+                Some(e) if e.starts_with("shutting down: ") => shutting_down += 1,
+                _ => panic!("{reply}"),
+            }
+        }
+        assert_eq!(peer.read_line(), None, "EOF after the last reply");
+    }
+    eprintln!("{timed_out} timed out, {shutting_down} answered 'shutting down'");
+    assert_eq!(timed_out + shutting_down, 80);
+    assert!(shutting_down > 0 && timed_out > 0, "{}", agent.log());
+    assert!(
+        agent.log().contains("answering them 'shutting down'"),
+        "{}",
+        agent.log()
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
 }

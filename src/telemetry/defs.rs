@@ -215,6 +215,14 @@ catalog! {
         "Inbound peer connections closed because no complete request arrived within network.idle_timeout.",
         &[],
     );
+    /// Counter: times a listener stopped accepting at its socket bound.
+    AGENT_LISTENER_SOCKETS_FULL_TOTAL = agent(
+        "agent_listener_sockets_full_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Times a listener stopped accepting because it held twice its connection cap in sockets (open and closing); new connections wait in the kernel's listen backlog until some close. By listener: peer or metrics.",
+        &["listener"],
+    );
     /// Counter: messages received from peers, failed ones included.
     MESSAGES_RECEIVED_TOTAL = agent(
         "messages_received_total",

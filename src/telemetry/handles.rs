@@ -4,11 +4,15 @@
 //! values that belong to a component (a failure reason, a deny reason) are
 //! its own.
 
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
 use metrics::{Counter, Gauge};
 
 use super::clock::DurationHistogram;
 use super::defs::*;
 use crate::protocol::FailReason;
+use crate::throttle::Throttle;
 
 /// The one label of a single-label metric, as the catalog names it.
 fn label(name: &str) -> &'static str {
@@ -227,4 +231,37 @@ impl Default for PeerMetrics {
 pub fn record_build_info() {
     metrics::gauge!(AGENT_BUILD_INFO, label(AGENT_BUILD_INFO) => env!("CARGO_PKG_VERSION"))
         .set(1.0);
+}
+
+/// What a listener does each time it finds its socket bound reached
+/// (twice `cap_key`, its connection cap, in sockets): counts it in
+/// `agent_listener_sockets_full_total{listener}` and warns, at most once a
+/// minute, with how many times since the last warning. Without it,
+/// connections waited in the listen backlog and nothing said why.
+pub fn sockets_full_alarm(
+    listener: &'static str,
+    cap_key: &'static str,
+    cap: usize,
+) -> impl Fn() + Send + Sync + 'static {
+    let full = metrics::counter!(
+        AGENT_LISTENER_SOCKETS_FULL_TOTAL,
+        label(AGENT_LISTENER_SOCKETS_FULL_TOTAL) => listener
+    );
+    let throttle = Mutex::new(Throttle::new(Duration::from_secs(60)));
+    move || {
+        full.increment(1);
+        let allowed = throttle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allow();
+        if let Some(suppressed) = allowed {
+            tracing::warn!(
+                listener,
+                sockets = cap.saturating_mul(2),
+                suppressed,
+                "{cap_key} is reached twice over in sockets (connections open and on their way out): \
+                 not accepting until some close; new connections wait in the listen backlog"
+            );
+        }
+    }
 }

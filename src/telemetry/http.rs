@@ -35,6 +35,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::BasicAuth;
+use super::handles::sockets_full_alarm;
 use super::{Exposition, HttpMetrics};
 use crate::admission::{Admission, Admitted, Ticket, WhenAllServed};
 use crate::config::{HEALTH_PATH, READY_PATH};
@@ -210,7 +211,14 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 /// Accepts and serves connections until `cancel` fires.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, cancel: CancellationToken) {
     let admission = Admission::with_policy(endpoint.max_connections, WhenAllServed::EvictOldest);
-    let sockets = SocketBudget::for_cap(endpoint.max_connections);
+    let sockets = SocketBudget::for_cap(
+        endpoint.max_connections,
+        sockets_full_alarm(
+            "metrics",
+            "metrics.max_connections",
+            endpoint.max_connections,
+        ),
+    );
     let endpoint = Arc::new(endpoint);
     loop {
         let Some((stream, remote, permit)) =

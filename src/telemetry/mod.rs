@@ -25,7 +25,8 @@ use crate::config::{ExporterKind, MetricsConfig, Resolved};
 pub use clock::{DurationHistogram, Start};
 pub use defs::METRICS;
 pub use handles::{
-    DenyReason, HttpMetrics, MessageMetrics, PeerMetrics, StorageHealthMetrics, StorageOpMetrics,
+    sockets_full_alarm, DenyReason, HttpMetrics, MessageMetrics, PeerMetrics, StorageHealthMetrics,
+    StorageOpMetrics,
 };
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;

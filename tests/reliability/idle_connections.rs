@@ -203,3 +203,74 @@ fn idle_connections_cannot_lock_out_peers_and_close_after_the_idle_timeout() {
     );
     assert_no_panic(&agent);
 }
+
+/// Issue #28, item 6: a peer that pipelines gets and never reads its
+/// replies is closed by the idle timeout. A plain close left the kernel
+/// delivering megabytes of replies to it for minutes, and the peer read EOF
+/// only after all of them; now the agent resets the connection once the
+/// peer has not taken its replies within a second, so the peer's next read
+/// fails at once and the kernel holds nothing for it.
+#[test]
+fn an_idle_closed_peer_that_does_not_read_its_replies_is_reset() {
+    use std::io::{ErrorKind, Read, Write};
+    let agent = start(AgentOptions::default().env("AGENT_NETWORK__IDLE_TIMEOUT", "1s"));
+    let mut peer = agent.connect();
+    assert_eq!(peer.put("big", &"x".repeat(60_000))["ok"], true);
+    // About 24 MB of replies, far more than the two sockets' buffers.
+    let gets = "{\"op\":\"get\",\"key\":\"big\"}\n".repeat(400);
+    peer.writer.write_all(gets.as_bytes()).unwrap();
+    wait_for_value(&agent, "agent_connections_idle_closed_total", &[], 1.0);
+    // The peer still does not read. Within the agent's one-second delivery
+    // wait the connection is reset, and the kernel drops the agent's end
+    // (a plain close leaves it there, in FIN-WAIT-1, for minutes).
+    let agent_end = (
+        agent.peer_addr.port(),
+        peer.writer.local_addr().unwrap().port(),
+    );
+    let started = Instant::now();
+    assert!(
+        wait_until(|| !kernel_has_connection(agent_end)),
+        "the kernel still holds the agent's end of the connection"
+    );
+    let gone_after = started.elapsed();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut read = 0usize;
+    let ended = loop {
+        match peer.writer.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => read += n,
+            Err(e) => break Err(e),
+        }
+    };
+    let kind = ended.as_ref().err().map(|e| e.kind());
+    eprintln!(
+        "the agent's end was gone {gone_after:?} after the idle close was counted; \
+         the peer then read {read} bytes of replies, then {kind:?}"
+    );
+    assert_eq!(
+        kind,
+        Some(ErrorKind::ConnectionReset),
+        "the peer should see a reset, not read every reply and then EOF ({read} bytes read)"
+    );
+    assert!(read < 400 * 60_000, "{read} bytes read");
+    assert_no_panic(&agent);
+}
+
+/// Whether the kernel has a TCP connection from local port `ports.0` to
+/// remote port `ports.1` on loopback, in any state (`/proc/net/tcp{,6}`).
+fn kernel_has_connection(ports: (u16, u16)) -> bool {
+    let port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                f.len() > 2 && port(f[1]) == Some(ports.0) && port(f[2]) == Some(ports.1)
+            })
+    })
+}
