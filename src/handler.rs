@@ -32,6 +32,17 @@ impl Decoded {
     pub fn reply_may_be_large(&self) -> bool {
         matches!(self.request, Ok(Request::Get { .. }))
     }
+
+    /// The key the request reads or writes; None for a ping, or for a line
+    /// that is answered with an error.
+    pub fn key(&self) -> Option<&str> {
+        match &self.request {
+            Ok(Request::Get { key } | Request::Put { key, .. } | Request::Delete { key }) => {
+                Some(key)
+            }
+            Ok(Request::Ping) | Err(_) => None,
+        }
+    }
 }
 
 /// The reply to a request whose storage operation had not started when the
@@ -129,6 +140,13 @@ impl<S: Storage> Handler<S> {
             Err(failure) => Outcome::Failed(failure),
         };
         self.reply(decoded.start, decoded.id.as_ref(), &outcome, out);
+    }
+
+    /// Whether a connection may run several requests at once: with Redis,
+    /// where each one waits a network round trip. The local backend answers
+    /// a get in microseconds, and runs one request at a time.
+    pub fn runs_apart(&self) -> bool {
+        self.storage.backend() != BackendKind::Local
     }
 
     /// Whether running `decoded` can keep its connection waiting long: a

@@ -347,10 +347,15 @@ fn storage_failures_are_logged_rate_limited_and_the_recovery_once() {
     assert_eq!(recoveries(&agent).len(), 1);
 }
 
+/// How many requests of one connection the agent runs at once with Redis
+/// (`MAX_IN_FLIGHT` in src/server.rs, docs/protocol.md).
+const IN_FLIGHT: u32 = 16;
+
 /// 20 puts in one write against a paused Redis. Each times out after
-/// 500 ms, one after the other, so the last reply exists only after 10 s;
-/// every earlier one is sent as soon as it exists (docs/protocol.md), not
-/// held until no request is left to read.
+/// 500 ms; the agent runs 16 at once, so the first 16 replies exist after
+/// one timeout and the last 4 after two, and each is sent as soon as it
+/// exists (docs/protocol.md): not held until no request is left to read,
+/// and not after 20 timeouts one after the other.
 #[test]
 fn a_pipeline_under_a_stalled_redis_gets_each_reply_as_it_exists() {
     let Some(server) = RedisServer::start() else {
@@ -375,9 +380,9 @@ fn a_pipeline_under_a_stalled_redis_gets_each_reply_as_it_exists() {
             reply,
             format!(r#"{{"id":{i},"ok":false,"error":"storage timed out after 500ms"}}"#)
         );
-        // Reply i exists after i + 1 timeouts; it may arrive late on a
-        // loaded machine, but not after the whole pipeline's 10 s.
-        let ready = Duration::from_millis(500) * (i + 1);
+        // Reply i exists after i / 16 + 1 timeouts; it may arrive late on
+        // a loaded machine, but within 2 s of that.
+        let ready = Duration::from_millis(500) * (i / IN_FLIGHT + 1);
         assert!(
             arrived >= ready - Duration::from_millis(50) && arrived < ready + PROMPT,
             "reply {i} arrived after {arrived:?}; it was ready after {ready:?}"
@@ -385,24 +390,72 @@ fn a_pipeline_under_a_stalled_redis_gets_each_reply_as_it_exists() {
         arrivals.push(arrived);
     }
     eprintln!(
-        "replies arrived after {:?} (first), {:?} (tenth), {:?} (last)",
-        arrivals[0], arrivals[9], arrivals[19]
+        "replies arrived after {:?} (first), {:?} (sixteenth), {:?} (last)",
+        arrivals[0], arrivals[15], arrivals[19]
     );
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     peer.wait_for_recovery();
 }
 
-/// SIGTERM while 4 peers each have 20 puts waiting on a paused Redis:
-/// every request the agent read is answered before its connection closes.
-/// Those that timed out within the drain time say so; those still waiting
-/// at its end are answered `shutting down`.
+/// With requests of one connection running at once, order still holds:
+/// every reply comes in the order of the requests, and a request sees the
+/// effect of every earlier one on its key.
+#[test]
+fn requests_running_at_once_keep_their_order_and_their_effects() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let agent = redis_agent(&server, &[]);
+    let mut peer = agent.connect();
+    // 600 requests in one write: puts, gets and deletes over 5 keys, in an
+    // order where each get must see the put or delete just before it.
+    let (mut pipeline, mut expected) = (String::new(), Vec::new());
+    let mut values: [Option<String>; 5] = Default::default();
+    for i in 0..600usize {
+        let k = (i * 7) % 5;
+        let key = format!("o{k}");
+        match i % 3 {
+            0 => {
+                let value = format!("v{i}");
+                pipeline += &format!(
+                    "{{\"id\":{i},\"op\":\"put\",\"key\":\"{key}\",\"value\":\"{value}\"}}\n"
+                );
+                expected.push(format!(r#"{{"id":{i},"ok":true}}"#));
+                values[k] = Some(value);
+            }
+            1 => {
+                pipeline += &format!("{{\"id\":{i},\"op\":\"get\",\"key\":\"{key}\"}}\n");
+                expected.push(match &values[k] {
+                    Some(v) => format!(r#"{{"id":{i},"ok":true,"value":"{v}"}}"#),
+                    None => format!(r#"{{"id":{i},"ok":true,"value":null}}"#),
+                });
+            }
+            _ => {
+                pipeline += &format!("{{\"id\":{i},\"op\":\"delete\",\"key\":\"{key}\"}}\n");
+                let existed = values[k].take().is_some();
+                expected.push(format!(r#"{{"id":{i},"ok":true,"deleted":{existed}}}"#));
+            }
+        }
+    }
+    peer.send_raw(pipeline.as_bytes());
+    for want in &expected {
+        assert_eq!(&peer.read_line().expect("a reply"), want);
+    }
+    wait_for_value(&agent, "messages_received_total", &[], 600.0);
+}
+
+/// SIGTERM while 4 peers each have 20 puts waiting on a paused Redis, with
+/// a 4 s timeout: the first 16 of each connection time out within the 6 s
+/// drain time; the last 4 start only then, and are still waiting when it
+/// is up, so they are answered `shutting down`. Every request the agent
+/// read is answered before its connection closes.
 #[test]
 fn sigterm_answers_every_request_read_while_redis_is_stalled() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let mut agent = redis_agent(&server, &[]);
+    let mut agent = redis_agent(&server, &[("AGENT_STORAGE__REDIS__TIMEOUT", "4s")]);
     let mut peers: Vec<Peer> = (0..4).map(|_| agent.connect()).collect();
     for peer in &mut peers {
         assert_eq!(peer.put("k", "v")["ok"], true);
@@ -418,8 +471,9 @@ fn sigterm_answers_every_request_read_while_redis_is_stalled() {
             .collect();
         peer.send_raw(pipeline.as_bytes());
     }
-    // Each connection has read its pipeline once its first put is under way.
-    wait_for_value(&agent, "messages_received_total", &[], 8.0);
+    // Every connection has its first 16 puts under way.
+    let started = (4 + 4 * IN_FLIGHT) as f64;
+    wait_for_value(&agent, "messages_received_total", &[], started);
     let signalled = Instant::now();
     let status = agent.terminate();
     eprintln!("exit {status:?} {:?} after SIGTERM", signalled.elapsed());
@@ -433,16 +487,15 @@ fn sigterm_answers_every_request_read_while_redis_is_stalled() {
             let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
             assert_eq!((v["id"] == i, v["ok"] == false), (true, true), "{reply}");
             match v["error"].as_str() {
-                Some("storage timed out after 500ms") => timed_out += 1,
-                Some(e) if e.starts_with("shutting down: ") => shutting_down += 1,
-                _ => panic!("{reply}"),
+                Some("storage timed out after 4s") if i < IN_FLIGHT => timed_out += 1,
+                Some(e) if i >= IN_FLIGHT && e.starts_with("shutting down: ") => shutting_down += 1,
+                _ => panic!("reply {i}: {reply}"),
             }
         }
         assert_eq!(peer.read_line(), None, "EOF after the last reply");
     }
     eprintln!("{timed_out} timed out, {shutting_down} answered 'shutting down'");
-    assert_eq!(timed_out + shutting_down, 80);
-    assert!(shutting_down > 0 && timed_out > 0, "{}", agent.log());
+    assert_eq!((timed_out, shutting_down), (64, 16));
     assert!(
         agent.log().contains("answering them 'shutting down'"),
         "{}",
