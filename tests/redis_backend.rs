@@ -504,3 +504,37 @@ fn sigterm_answers_every_request_read_while_redis_is_stalled() {
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
 }
+
+/// Gets of long values, pipelined, with a budget that holds one longest
+/// reply: the gets beside the first cannot reserve theirs, so the
+/// connection finishes what it has in flight and waits its turn. Every
+/// reply still arrives whole and in order.
+#[test]
+fn pipelined_long_gets_wait_their_turn_for_the_budget() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let agent = redis_agent(
+        &server,
+        &[
+            ("AGENT_NETWORK__MAX_MESSAGE_BYTES", "200000"),
+            ("AGENT_NETWORK__MAX_BUFFERED_BYTES", "200000"),
+        ],
+    );
+    let mut peer = agent.connect();
+    let value = |i: usize| format!("{i:03}").repeat(50_000);
+    for i in 0..3 {
+        assert_eq!(peer.put(&format!("long{i}"), &value(i))["ok"], true);
+    }
+    let pipeline: String = (0..30)
+        .map(|i| format!("{{\"id\":{i},\"op\":\"get\",\"key\":\"long{}\"}}\n", i % 3))
+        .collect();
+    peer.send_raw(pipeline.as_bytes());
+    for i in 0..30 {
+        let reply: serde_json::Value =
+            serde_json::from_str(&peer.read_line().expect("a reply")).unwrap();
+        assert_eq!(reply["id"], i);
+        assert_eq!(reply["value"].as_str(), Some(value(i % 3).as_str()), "reply {i}");
+    }
+    wait_for_value(&agent, "messages_received_total", &[], 33.0);
+}
