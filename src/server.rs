@@ -521,9 +521,13 @@ struct Entry {
 
 /// Which key a request in flight touches, as a hash: two keys that share
 /// one only make a request wait that need not have, and no key is copied.
+/// FNV-1a: the keys are the peer's own, and a peer that makes its keys
+/// collide only slows itself. std's SipHash cost 235 instructions a message
+/// more under callgrind (Redis 90/10, metrics off: 18,618 against 18,383).
 fn key_hash(key: &str) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key)
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The requests of one connection running at once, in the order they were
