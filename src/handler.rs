@@ -32,17 +32,6 @@ impl Decoded {
     pub fn reply_may_be_large(&self) -> bool {
         matches!(self.request, Ok(Request::Get { .. }))
     }
-
-    /// The key the request reads or writes; None for a ping, or for a line
-    /// that is answered with an error.
-    pub fn key(&self) -> Option<&str> {
-        match &self.request {
-            Ok(Request::Get { key } | Request::Put { key, .. } | Request::Delete { key }) => {
-                Some(key)
-            }
-            Ok(Request::Ping) | Err(_) => None,
-        }
-    }
 }
 
 /// The reply to a request whose storage operation had not started when the
@@ -142,18 +131,10 @@ impl<S: Storage> Handler<S> {
         self.reply(decoded.start, decoded.id.as_ref(), &outcome, out);
     }
 
-    /// Whether a connection may run several requests at once: with Redis,
-    /// where each one waits a network round trip. The local backend answers
-    /// a get in microseconds, and runs one request at a time.
-    pub fn runs_apart(&self) -> bool {
-        self.storage.backend() != BackendKind::Local
-    }
-
     /// Whether running `decoded` can keep its connection waiting long: a
     /// round trip to Redis, or the durable commit of a local put or delete.
-    /// The server sends the replies it already has before such a request
-    /// waits. A local get is answered from memory in microseconds, so
-    /// pipelined gets keep sharing one write.
+    /// The server runs such a request with [`Handler::execute_until`]. A
+    /// local get is answered from memory in microseconds.
     pub fn may_wait(&self, decoded: &Decoded) -> bool {
         match decoded.request {
             Ok(Request::Get { .. }) => self.storage.backend() != BackendKind::Local,
@@ -165,13 +146,14 @@ impl<S: Storage> Handler<S> {
     /// As [`Handler::execute`], but once `deadline` is cancelled (the drain
     /// time of a shutdown is up) the request is answered `shutting down`
     /// instead of waiting on storage any longer. The reason counted is
-    /// `storage`: the backend did not answer in time.
+    /// `storage`: the backend did not answer in time. Returns whether
+    /// storage failed the request (or it was cut short).
     pub async fn execute_until(
         &self,
         decoded: Decoded,
         out: &mut Vec<u8>,
         deadline: &CancellationToken,
-    ) {
+    ) -> bool {
         let shutting_down = |text| Outcome::Failed(Failure::new(FailReason::Storage, text));
         let outcome = match decoded.request {
             Ok(_) if deadline.is_cancelled() => shutting_down(NOT_RUN),
@@ -183,6 +165,7 @@ impl<S: Storage> Handler<S> {
             Err(failure) => Outcome::Failed(failure),
         };
         self.reply(decoded.start, decoded.id.as_ref(), &outcome, out);
+        matches!(&outcome, Outcome::Failed(f) if f.reason == FailReason::Storage)
     }
 
     /// Appends the reply for a line longer than the limit, which is counted

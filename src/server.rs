@@ -3,14 +3,9 @@
 //! [`crate::admission`], then the TLS handshake), closes idle ones, and
 //! serves each connection in its own task.
 
-use std::collections::VecDeque;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-use futures_util::stream::{FuturesOrdered, StreamExt};
-use futures_util::FutureExt;
 
 use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpStream};
@@ -22,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::{Admission, Admitted, Ticket};
 use crate::budget::{Budget, Reservation};
 use crate::connection::{self, Connection, Frame, PeerStream, FIXED_BUFFER};
-use crate::handler::{Decoded, Handler};
+use crate::handler::Handler;
 use crate::net::{accept, allowed, SocketBudget};
 use crate::peers::Peers;
 use crate::protocol;
@@ -268,17 +263,9 @@ struct Stop<'a> {
 
 /// Serves one connection: one reply per request line, in order.
 ///
-/// Replies are batched into one write while they are cheap, and sent
-/// before any request that may wait on storage ([`Handler::may_wait`]), so
-/// a stalled backend never holds back an answer that already exists.
-///
-/// With a Redis backend ([`Handler::runs_apart`]) up to [`MAX_IN_FLIGHT`]
-/// requests run at once, their replies written in order as each head one
-/// completes: a slow key no longer holds up the keys after it, only their
-/// replies. A request on a key that one in flight touches waits for those
-/// in flight, so it sees their effect. The local backend runs one request
-/// at a time: its gets take microseconds, and the queue would cost every
-/// one of them.
+/// Replies are batched into one write while storage answers, and sent at
+/// once after a request that storage failed, so a stalled backend never
+/// holds back an error reply behind the next request's wait.
 ///
 /// Memory beyond the connection's fixed buffers comes from `budget`: for a
 /// long line (reserved by the connection as it reads, and kept while what
@@ -299,65 +286,29 @@ async fn serve<S: Storage, T: PeerStream>(
     // The longest reply beyond the fixed write buffer: a value as long as
     // the longest request, plus the id and the reply's own fields.
     let longest_reply = (conn.max_line() + REPLY_OVERHEAD).saturating_sub(FIXED_BUFFER);
-    // The same reply without the fixed buffer, for a get beside another.
-    let longest_full = conn.max_line() + REPLY_OVERHEAD;
-    let apart = handler.runs_apart();
-    let mut in_flight = InFlight::new();
     let mut out = Vec::with_capacity(256);
-    let mut input_open = true;
     loop {
         // At shutdown, requests already received are answered; nothing more is read.
-        let reading = input_open && (!cancel.is_cancelled() || conn.has_buffered_line());
-        if !reading && in_flight.is_empty() {
+        if cancel.is_cancelled() && !conn.has_buffered_line() {
             break;
         }
-        let frame = if !apart {
-            // One request at a time: the loop a local get takes, as lean as
-            // before the queue existed. Through the select below a local
-            // get cost 59 instructions more under callgrind (10,271 against
-            // 10,212 a message, metrics on).
-            tokio::select! {
-                biased;
-                frame = conn.read_line() => frame,
-                _ = cancel.cancelled() => break,
-                _ = ticket.evicted() => return,
-            }
-        } else if reading && in_flight.len() < MAX_IN_FLIGHT {
-            tokio::select! {
-                biased;
-                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    match in_flight.write(&mut conn, done).await {
-                        Ok(()) => continue,
-                        Err(e) => return closed_by(e, conn, peers, ticket).await,
-                    }
-                }
-                frame = conn.read_line() => frame,
-                _ = cancel.cancelled(), if !cancel.is_cancelled() => continue,
-                // Counted at admission; it never completed a request, so no
-                // reply is owed.
-                _ = ticket.evicted() => return,
-            }
-        } else {
-            // Only requests in flight can move; what is written goes out meanwhile.
-            match in_flight.finish_one(&mut conn).await {
-                Ok(()) => continue,
-                Err(e) => return closed_by(e, conn, peers, ticket).await,
-            }
+        let frame = tokio::select! {
+            biased;
+            frame = conn.read_line() => frame,
+            _ = cancel.cancelled() => break,
+            // Counted at admission; it never completed a request, so no
+            // reply is owed.
+            _ = ticket.evicted() => return,
         };
         out.clear();
         match frame {
             Ok(Frame::Line) => {}
-            Ok(Frame::Closed) if in_flight.is_empty() => return,
-            Ok(Frame::Closed) => {
-                // The peer has finished sending; it still gets every reply.
-                input_open = false;
-                continue;
+            Ok(Frame::Closed) => return,
+            Err(e) if connection::is_idle_timeout(&e) => {
+                return close_idle(conn, peers, ticket).await
             }
-            Err(e) => return closed_by(e, conn, peers, ticket).await,
+            Err(_) => return,
             Ok(Frame::TooLarge) => {
-                if let Err(e) = in_flight.finish_all(&mut conn).await {
-                    return closed_by(e, conn, peers, ticket).await;
-                }
                 log.messages += 1;
                 handler.too_large(conn.max_line(), &mut out);
                 let _ = conn.write(&out).await;
@@ -376,76 +327,44 @@ async fn serve<S: Storage, T: PeerStream>(
         conn.restart_idle_timer();
         let request = handler.decode(conn.line());
         let mut hold = conn.release_line();
-        if apart {
-            // A request on a key in flight must see that request's effect.
-            if in_flight.touches(request.key().map(key_hash)) {
-                if let Err(e) = in_flight.finish_all(&mut conn).await {
-                    return closed_by(e, conn, peers, ticket).await;
-                }
-            }
-            // A get's reply may be long. The first one in flight has the
-            // connection's fixed write buffer, as when requests run one at
-            // a time, and reserves what lies beyond it; a get beside it
-            // reserves its whole longest reply, so the replies in flight
-            // stay within the budget.
-            let mut allowance = 0;
-            if request.reply_may_be_large() {
-                drop(hold);
-                let first = !in_flight.holds_the_allowance();
-                allowance = if first { FIXED_BUFFER } else { 0 };
-                let longest = if first { longest_reply } else { longest_full };
-                hold = match budget.try_reserve(longest) {
-                    Some(reply_hold) => Some(reply_hold),
-                    // What this connection holds goes back before it waits
-                    // its turn, as when it runs one request at a time.
-                    None => match in_flight.finish_all(&mut conn).await {
-                        Ok(()) => {
-                            allowance = FIXED_BUFFER;
-                            match reserve_reply(&mut conn, budget, longest_reply).await {
-                                Ok(reply_hold) => Some(reply_hold),
-                                Err(e) => return closed_by(e, conn, peers, ticket).await,
-                            }
-                        }
-                        Err(e) => return closed_by(e, conn, peers, ticket).await,
-                    },
-                };
-            }
-            let entry = Entry {
-                key: request.key().map(key_hash),
-                allowance: allowance > 0,
-            };
-            let out = in_flight.buffer();
-            let run = run_apart(handler, request, stop.deadline, (hold, allowance), out);
-            in_flight.push(entry, run);
-            continue;
-        }
         if request.reply_may_be_large() && longest_reply > 0 {
             // One reservation at a time: the line's goes back first.
             drop(hold);
             hold = match reserve_reply(&mut conn, budget, longest_reply).await {
                 Ok(reply_hold) => Some(reply_hold),
-                Err(e) => return closed_by(e, conn, peers, ticket).await,
+                Err(e) if connection::is_idle_timeout(&e) => {
+                    return close_idle(conn, peers, ticket).await
+                }
+                Err(_) => return,
             };
         }
-        let ran = if handler.may_wait(&request) {
-            // The replies already made go out while this request waits.
-            let (flushed, ()) = tokio::join!(
-                conn.flush(),
-                handler.execute_until(request, &mut out, stop.deadline)
-            );
-            flushed
+        let storage_failed = if handler.may_wait(&request) {
+            handler
+                .execute_until(request, &mut out, stop.deadline)
+                .await
         } else {
             handler.execute(request, &mut out).await;
-            Ok(())
+            false
         };
-        if let Err(e) = ran {
-            return closed_by(e, conn, peers, ticket).await;
-        }
         if let Some(hold) = &mut hold {
             hold.shrink_to(out.capacity().saturating_sub(FIXED_BUFFER));
         }
-        if let Err(e) = conn.write(&out).await {
-            return closed_by(e, conn, peers, ticket).await;
+        let mut written = conn.write(&out).await;
+        if storage_failed && written.is_ok() {
+            // Storage failed this request (timed out, unreachable, refused):
+            // the next one may wait as long again, so the replies made so
+            // far go out now rather than behind it. While storage answers,
+            // replies share writes: sending them before every request that
+            // waits on storage cost 13% of the throughput of pipelined local
+            // puts (docs/performance.md).
+            written = conn.flush().await;
+        }
+        match written {
+            Ok(()) => {}
+            Err(e) if connection::is_idle_timeout(&e) => {
+                return close_idle(conn, peers, ticket).await
+            }
+            Err(_) => return,
         }
         // The reply is with the kernel, or in the fixed write buffer: its
         // memory goes back, and the budget with it.
@@ -459,177 +378,6 @@ async fn serve<S: Storage, T: PeerStream>(
     // The peer may still be sending; closing now would reset the connection
     // and drop replies it has not received yet.
     conn.wait_delivered(deadline).await;
-}
-
-/// Ends a connection whose read or write failed: by the idle timeout (the
-/// peer completed no request in time), or an I/O error (the peer is gone).
-async fn closed_by<T: PeerStream>(
-    e: std::io::Error,
-    conn: Connection<T>,
-    peers: &Peers,
-    ticket: &Ticket,
-) {
-    if connection::is_idle_timeout(&e) {
-        close_idle(conn, peers, ticket).await;
-    }
-}
-
-/// Most requests of one connection running at once with a Redis backend:
-/// enough to keep a pipeline's keys moving past a slow one, few enough that
-/// one connection holds at most this many reply reservations of the
-/// shared budget.
-const MAX_IN_FLIGHT: usize = 16;
-
-/// The reply buffers a connection keeps between requests in flight: a
-/// reply of a ping, put or delete (at most about a kilobyte: the id is at
-/// most 256 bytes, the error texts are bounded) fits, so with
-/// [`MAX_IN_FLIGHT`] a connection holds at most 16 KiB beyond its fixed
-/// buffers outside the budget.
-const SPARE: usize = 1024;
-
-/// What a request run apart from its connection's loop gives back: its
-/// reply, and the memory reserved for it until the peer has taken it.
-type Done = (Vec<u8>, Option<Reservation>);
-
-/// Runs one request of a connection that runs several at once, its reply
-/// into `out`. `hold` covers the reply beyond `allowance`, the part of the
-/// connection's fixed write buffer it may use; it shrinks to the reply's
-/// actual size once that is known.
-async fn run_apart<S: Storage>(
-    handler: &Handler<S>,
-    request: Decoded,
-    deadline: &CancellationToken,
-    (mut hold, allowance): (Option<Reservation>, usize),
-    mut out: Vec<u8>,
-) -> Done {
-    handler.execute_until(request, &mut out, deadline).await;
-    if let Some(hold) = &mut hold {
-        hold.shrink_to(out.capacity().saturating_sub(allowance));
-    }
-    (out, hold)
-}
-
-/// What the connection keeps of a request in flight.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Entry {
-    /// The hash of its key; None for a request without one (ping, or a line
-    /// answered with an error).
-    key: Option<u64>,
-    /// Its reply may use the connection's fixed write buffer.
-    allowance: bool,
-}
-
-/// Which key a request in flight touches, as a hash: two keys that share
-/// one only make a request wait that need not have, and no key is copied.
-/// FNV-1a: the keys are the peer's own, and a peer that makes its keys
-/// collide only slows itself. std's SipHash cost 235 instructions a message
-/// more under callgrind (Redis 90/10, metrics off: 18,618 against 18,383).
-fn key_hash(key: &str) -> u64 {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The requests of one connection running at once, in the order they were
-/// read, and the keys they touch.
-struct InFlight<F: Future> {
-    running: FuturesOrdered<F>,
-    /// One entry per request in `running`, in the same order.
-    entries: VecDeque<Entry>,
-    /// Reply buffers written out, for the next requests: a buffer per
-    /// request would be an allocation per message.
-    spare: Vec<Vec<u8>>,
-}
-
-impl<F: Future<Output = Done>> InFlight<F> {
-    fn new() -> Self {
-        Self {
-            running: FuturesOrdered::new(),
-            entries: VecDeque::new(),
-            spare: Vec::new(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.running.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.running.is_empty()
-    }
-
-    fn push(&mut self, entry: Entry, request: F) {
-        self.running.push_back(request);
-        self.entries.push_back(entry);
-    }
-
-    /// Whether a request in flight touches the key with this hash.
-    fn touches(&self, key: Option<u64>) -> bool {
-        key.is_some_and(|key| self.entries.iter().any(|e| e.key == Some(key)))
-    }
-
-    /// Whether a reply in flight may use the fixed write buffer.
-    fn holds_the_allowance(&self) -> bool {
-        self.entries.iter().any(|e| e.allowance)
-    }
-
-    /// An empty buffer for a reply.
-    fn buffer(&mut self) -> Vec<u8> {
-        self.spare
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(SPARE))
-    }
-
-    /// The next reply in order, once its request has finished.
-    async fn next(&mut self) -> Option<Done> {
-        let done = self.running.next().await;
-        self.entries.pop_front();
-        done
-    }
-
-    /// Writes a finished request's reply. Its reservation goes back once
-    /// the reply is with the kernel or in the fixed write buffer, and its
-    /// buffer is kept for another reply unless a value grew it.
-    async fn write<T: PeerStream>(
-        &mut self,
-        conn: &mut Connection<T>,
-        (mut out, hold): Done,
-    ) -> std::io::Result<()> {
-        conn.write(&out).await?;
-        drop(hold);
-        if out.capacity() <= SPARE {
-            out.clear();
-            self.spare.push(out);
-        }
-        Ok(())
-    }
-
-    /// Waits for the first request in flight and writes its reply. Only if
-    /// it is not finished already does what is written go out meanwhile: a
-    /// write per reply took 16 peers pipelining to Redis from about 165,000
-    /// down to 120,000 messages a second.
-    async fn finish_one<T: PeerStream>(&mut self, conn: &mut Connection<T>) -> std::io::Result<()> {
-        let done = match self.next().now_or_never() {
-            Some(done) => done,
-            None => {
-                let (flushed, done) = tokio::join!(conn.flush(), self.next());
-                flushed?;
-                done
-            }
-        };
-        match done {
-            Some(done) => self.write(conn, done).await,
-            None => Ok(()),
-        }
-    }
-
-    /// Waits for every request in flight, writing their replies in order.
-    async fn finish_all<T: PeerStream>(&mut self, conn: &mut Connection<T>) -> std::io::Result<()> {
-        while !self.is_empty() {
-            self.finish_one(conn).await?;
-        }
-        Ok(())
-    }
 }
 
 /// Reserves `bytes` for a reply. If they are not free now, the replies
