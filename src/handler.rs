@@ -34,6 +34,12 @@ impl Decoded {
     }
 }
 
+/// Whether the outcome is a storage failure (a timeout, an unreachable or
+/// refusing backend, or a request cut short at shutdown).
+fn storage_failed(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Failed(f) if f.reason == FailReason::Storage)
+}
+
 /// The reply to a request whose storage operation had not started when the
 /// drain time of a shutdown was up.
 const NOT_RUN: &str = "shutting down: the request was not run";
@@ -105,7 +111,7 @@ impl<S: Storage> Handler<S> {
     /// [`Handler::decode`] then [`Handler::execute`], as the server does.
     pub async fn handle(&self, line: &[u8], out: &mut Vec<u8>) {
         let decoded = self.decode(line);
-        self.execute(decoded, out).await;
+        let _failed = self.execute(decoded, out).await;
     }
 
     /// Counts one received message and decodes it; its processing time
@@ -122,19 +128,22 @@ impl<S: Storage> Handler<S> {
         }
     }
 
-    /// Runs a decoded request and appends its reply to `out`.
-    pub async fn execute(&self, decoded: Decoded, out: &mut Vec<u8>) {
+    /// Runs a decoded request and appends its reply to `out`. Returns
+    /// whether storage failed it.
+    pub async fn execute(&self, decoded: Decoded, out: &mut Vec<u8>) -> bool {
         let outcome = match decoded.request {
             Ok(request) => self.run(request).await,
             Err(failure) => Outcome::Failed(failure),
         };
         self.reply(decoded.start, decoded.id.as_ref(), &outcome, out);
+        storage_failed(&outcome)
     }
 
     /// Whether running `decoded` can keep its connection waiting long: a
     /// round trip to Redis, or the durable commit of a local put or delete.
-    /// The server runs such a request with [`Handler::execute_until`]. A
-    /// local get is answered from memory in microseconds.
+    /// During a shutdown the server runs such a request with
+    /// [`Handler::execute_until`]. A local get is answered from memory in
+    /// microseconds.
     pub fn may_wait(&self, decoded: &Decoded) -> bool {
         match decoded.request {
             Ok(Request::Get { .. }) => self.storage.backend() != BackendKind::Local,
@@ -165,7 +174,7 @@ impl<S: Storage> Handler<S> {
             Err(failure) => Outcome::Failed(failure),
         };
         self.reply(decoded.start, decoded.id.as_ref(), &outcome, out);
-        matches!(&outcome, Outcome::Failed(f) if f.reason == FailReason::Storage)
+        storage_failed(&outcome)
     }
 
     /// Appends the reply for a line longer than the limit, which is counted
