@@ -222,9 +222,7 @@ fn hung_redis_is_bounded_by_the_timeout() {
 
     // A paused server keeps its connections open but never answers: only the
     // timeout can end each command.
-    let pid = server.pid() as i32;
-    // SAFETY: kill(2) on our own child process.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    server.pause();
     for (i, request) in [
         r#"{"id":2,"op":"get","key":"k"}"#,
         r#"{"id":3,"op":"delete","key":"k"}"#,
@@ -251,8 +249,7 @@ fn hung_redis_is_bounded_by_the_timeout() {
         r#"{"id":5,"ok":true}"#
     );
 
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    server.resume();
     peer.wait_for_recovery();
     assert_eq!(
         peer.request(r#"{"id":6,"op":"get","key":"recovered"}"#),
@@ -359,9 +356,7 @@ fn a_pipeline_under_a_stalled_redis_gets_each_reply_as_it_exists() {
     let agent = redis_agent(&server, &[]);
     let mut peer = agent.connect();
     assert_eq!(peer.put("k", "v")["ok"], true);
-    let pid = server.pid() as i32;
-    // SAFETY: kill(2) on our own child process.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    server.pause();
     let pipeline: String = (0..20)
         .map(|i| format!("{{\"id\":{i},\"op\":\"put\",\"key\":\"p{i}\",\"value\":\"v\"}}\n"))
         .collect();
@@ -388,8 +383,7 @@ fn a_pipeline_under_a_stalled_redis_gets_each_reply_as_it_exists() {
         "replies arrived after {:?} (first), {:?} (tenth), {:?} (last)",
         arrivals[0], arrivals[9], arrivals[19]
     );
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    server.resume();
     peer.wait_for_recovery();
 }
 
@@ -454,9 +448,7 @@ fn sigterm_answers_every_request_read_while_redis_is_stalled() {
     for peer in &mut peers {
         assert_eq!(peer.put("k", "v")["ok"], true);
     }
-    let pid = server.pid() as i32;
-    // SAFETY: kill(2) on our own child process.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    server.pause();
     for (p, peer) in peers.iter_mut().enumerate() {
         let pipeline: String = (0..20)
             .map(|i| {
@@ -495,8 +487,7 @@ fn sigterm_answers_every_request_read_while_redis_is_stalled() {
         "{}",
         agent.log()
     );
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    server.resume();
 }
 
 /// Gets of long values, pipelined, with a budget that holds one longest

@@ -81,6 +81,22 @@ impl RedisServer {
             .map(|c| c.id())
             .expect("redis-server running")
     }
+
+    /// Pauses the server (SIGSTOP): it keeps its connections open but
+    /// answers nothing, so only the agent's timeout ends each command.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Resumes a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child process.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, signal) }, 0, "kill");
+    }
 }
 
 impl Drop for RedisServer {
