@@ -348,6 +348,9 @@ pub struct MetricsConfig {
     pub web_config_file: PathBuf,
     /// `metrics.dogstatsd`: used with `exporter: dogstatsd` only.
     pub dogstatsd: DogstatsdConfig,
+    /// `metrics.native_histograms`: exponential buckets beside the classic
+    /// ones, served in the protobuf scrape format.
+    pub native_histograms: NativeHistogramsConfig,
 }
 
 impl Default for MetricsConfig {
@@ -363,6 +366,41 @@ impl Default for MetricsConfig {
             max_connections: 64,
             web_config_file: PathBuf::new(),
             dogstatsd: DogstatsdConfig::default(),
+            native_histograms: NativeHistogramsConfig::default(),
+        }
+    }
+}
+
+/// `metrics.native_histograms`: Prometheus native histograms, with
+/// client_golang's settings and defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NativeHistogramsConfig {
+    /// `metrics.native_histograms.enabled`. Off by default: a Prometheus
+    /// that ingests native histograms stores a histogram sent with native
+    /// buckets only as a native one, so turning them on changes which
+    /// series the classic `_bucket` queries of existing dashboards find.
+    pub enabled: bool,
+    /// `metrics.native_histograms.bucket_factor`: the largest ratio allowed
+    /// between a bucket's bounds (> 1); picks the schema as client_golang's
+    /// `NativeHistogramBucketFactor` does (1.1 gives schema 3, 8 buckets per
+    /// power of two).
+    pub bucket_factor: f64,
+    /// `metrics.native_histograms.max_buckets`: past this many populated
+    /// buckets a histogram halves its resolution (at least 1).
+    pub max_buckets: u32,
+    /// `metrics.native_histograms.zero_threshold`: magnitudes at or below
+    /// it count in the zero bucket (above 0; default 2^-128).
+    pub zero_threshold: f64,
+}
+
+impl Default for NativeHistogramsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bucket_factor: 1.1,
+            max_buckets: 160,
+            zero_threshold: 2f64.powi(-128),
         }
     }
 }
@@ -607,6 +645,32 @@ impl Config {
         } else {
             WebConfig::load(&self.metrics.web_config_file)?
         };
+        let native = &self.metrics.native_histograms;
+        if !(native.bucket_factor > 1.0 && native.bucket_factor.is_finite()) {
+            return Err(invalid(
+                "metrics.native_histograms.bucket_factor",
+                format!(
+                    "{} must be a finite number above 1 (client_golang's default is 1.1)",
+                    native.bucket_factor
+                ),
+            ));
+        }
+        if native.max_buckets == 0 {
+            return Err(invalid(
+                "metrics.native_histograms.max_buckets",
+                "must be at least 1 (the default is 160)",
+            ));
+        }
+        if !(native.zero_threshold > 0.0 && native.zero_threshold.is_finite()) {
+            return Err(invalid(
+                "metrics.native_histograms.zero_threshold",
+                format!(
+                    "{} must be a finite number above 0: Prometheus 2.x reads a histogram \
+                     as native only with a zero bucket of some width (the default is 2^-128)",
+                    native.zero_threshold
+                ),
+            ));
+        }
         if self.metrics.process_interval.is_zero() {
             return Err(invalid(
                 "metrics.process_interval",

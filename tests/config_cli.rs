@@ -58,6 +58,38 @@ const BAD_FILES: &[(&str, &str)] = &[
     ),
     ("network:\n  peers: [\"nohost\"]\n", "network.peers[0]: "),
     ("bogus: 1\n", "bogus: unknown key"),
+    (
+        "metrics:\n  native_histograms:\n    bucket_factor: 1\n",
+        "metrics.native_histograms.bucket_factor: 1 must be a finite number above 1",
+    ),
+    (
+        "metrics:\n  native_histograms:\n    bucket_factor: .inf\n",
+        "metrics.native_histograms.bucket_factor: ",
+    ),
+    (
+        "metrics:\n  native_histograms:\n    max_buckets: 0\n",
+        "metrics.native_histograms.max_buckets: must be at least 1",
+    ),
+    (
+        "metrics:\n  native_histograms:\n    max_buckets: -5\n",
+        "metrics.native_histograms.max_buckets: ",
+    ),
+    (
+        "metrics:\n  native_histograms:\n    zero_threshold: 0\n",
+        "metrics.native_histograms.zero_threshold: 0 must be a finite number above 0",
+    ),
+    (
+        "metrics:\n  native_histograms:\n    zero_threshold: -1e-9\n",
+        "metrics.native_histograms.zero_threshold: ",
+    ),
+    (
+        "metrics:\n  native_histograms:\n    enabled: maybe\n",
+        "metrics.native_histograms.enabled: ",
+    ),
+    (
+        "metrics:\n  native_histograms:\n    buckets: 3\n",
+        "metrics.native_histograms.buckets: unknown key",
+    ),
     ("log:\n  format: xml\n", "log.format: "),
 ];
 

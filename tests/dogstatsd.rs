@@ -509,3 +509,22 @@ fn disabled_metrics_send_nothing_even_with_dogstatsd_configured() {
     assert!(!log.contains("sending metrics to DogStatsD"), "{log}");
     assert!(!log.contains("metrics endpoint listening"), "{log}");
 }
+
+/// Native histograms are a Prometheus scrape feature: with DogStatsD the
+/// setting is accepted, does nothing, and says so.
+#[test]
+fn native_histograms_with_dogstatsd_are_named_as_having_no_effect() {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut agent = Agent::start_with(
+        AgentOptions::default()
+            .env("AGENT_METRICS__EXPORTER", "dogstatsd")
+            .env("AGENT_METRICS__NATIVE_HISTOGRAMS__ENABLED", "true")
+            .env(
+                "AGENT_METRICS__DOGSTATSD__ADDRESS",
+                socket.local_addr().unwrap(),
+            ),
+    );
+    agent.wait_for_log(
+        "metrics.native_histograms.enabled has no effect with metrics.exporter: dogstatsd",
+    );
+}

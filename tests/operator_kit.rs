@@ -368,9 +368,11 @@ fn metric_name_extraction_finds_exactly_the_selected_metrics() {
     assert!(is_known_metric("storage_operation_duration_seconds_count"));
     assert!(is_known_metric("up"));
     assert!(!is_known_metric("messages_recieved_total"), "typo");
+    // A native histogram is stored under the histogram's own name.
+    assert!(is_known_metric("message_processing_duration_seconds"));
     assert!(
-        !is_known_metric("message_processing_duration_seconds"),
-        "histogram without suffix"
+        !is_known_metric("message_processing_duration_seconds_total"),
+        "counter suffix on a histogram"
     );
     assert!(
         !is_known_metric("process_memory_bytes_bucket"),

@@ -24,7 +24,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, VARY, WWW_AUTHENTICATE,
+    HeaderValue, ACCEPT, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, VARY,
+    WWW_AUTHENTICATE,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::BasicAuth;
 use super::handles::sockets_full_alarm;
+use super::protobuf::PROTOBUF_CONTENT_TYPE;
 use super::{Exposition, HttpMetrics};
 use crate::admission::{Admission, Admitted, Ticket, WhenAllServed};
 use crate::config::{HEALTH_PATH, READY_PATH};
@@ -133,9 +135,13 @@ impl Endpoint {
         match req.uri().path() {
             p if p == self.path => {
                 self.metrics.scraped(200);
-                let page = self.exposition.render();
+                let (page, content_type) = if wants_protobuf(req) {
+                    (self.exposition.render_protobuf(), PROTOBUF_CONTENT_TYPE)
+                } else {
+                    (self.exposition.render().into_bytes(), TEXT_CONTENT_TYPE)
+                };
                 let compressed = if accepts_gzip(req) {
-                    gzipped(page.as_bytes())
+                    gzipped(&page)
                 } else {
                     None
                 };
@@ -149,8 +155,8 @@ impl Endpoint {
                     None => Response::new(Full::new(Bytes::from(page))),
                 };
                 let headers = resp.headers_mut();
-                headers.insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_CONTENT_TYPE));
-                headers.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+                headers.insert(VARY, HeaderValue::from_static("Accept, Accept-Encoding"));
                 resp
             }
             HEALTH_PATH => plain(StatusCode::OK, "OK\n"),
@@ -165,6 +171,42 @@ impl Endpoint {
             _ => plain(StatusCode::NOT_FOUND, "Not Found\n"),
         }
     }
+}
+
+/// Whether the scraper asks for the protobuf format (length-delimited
+/// `io.prometheus.client.MetricFamily`) at least as much as for any text
+/// format this endpoint serves for it (`text/plain`, OpenMetrics text, `*/*`),
+/// as Prometheus does when it ingests native histograms. Without an
+/// `Accept`, or with one that prefers text, the scrape is text.
+fn wants_protobuf(req: &Request<Incoming>) -> bool {
+    let (mut protobuf, mut text) = (0.0f32, 0.0f32);
+    let ranges = req
+        .headers()
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for range in ranges {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let (mut q, mut proto, mut delimited) = (1.0f32, false, false);
+        for param in parts {
+            let (name, value) = param.split_once('=').unwrap_or((param, ""));
+            let value = value.trim().trim_matches('"');
+            match name.trim().to_ascii_lowercase().as_str() {
+                "q" => q = value.parse().unwrap_or(0.0),
+                "proto" => proto = value == "io.prometheus.client.MetricFamily",
+                "encoding" => delimited = value == "delimited",
+                _ => {}
+            }
+        }
+        match media.as_str() {
+            "application/vnd.google.protobuf" if proto && delimited => protobuf = protobuf.max(q),
+            "text/plain" | "text/*" | "*/*" | "application/openmetrics-text" => text = text.max(q),
+            _ => {}
+        }
+    }
+    protobuf > 0.0 && protobuf >= text
 }
 
 /// Whether the client takes a gzip body (`Accept-Encoding: gzip`, or `*`,

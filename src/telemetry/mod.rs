@@ -11,7 +11,10 @@ pub mod clock;
 pub mod defs;
 pub mod handles;
 pub mod http;
+pub mod native;
+mod native_bounds;
 pub mod process;
+pub mod protobuf;
 pub mod recorder;
 
 use std::net::SocketAddr;
@@ -84,6 +87,15 @@ impl Exposition {
         self.process.render_into(&mut out);
         out
     }
+
+    /// The whole page as length-delimited protobuf `MetricFamily`
+    /// messages, native histogram buckets included when kept.
+    pub fn render_protobuf(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        self.recorder.render_protobuf_into(&mut out);
+        self.process.render_protobuf_into(&mut out);
+        out
+    }
 }
 
 /// Installs the configured exporter as the global recorder and describes
@@ -105,12 +117,18 @@ pub async fn install(
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| TelemetryError::Bind { addr, source })?;
-            let recorder = ShardedRecorder::new();
+            let recorder = ShardedRecorder::with_native(native_settings(cfg));
             metrics::set_global_recorder(recorder.clone())
                 .map_err(|_| TelemetryError::AlreadyInstalled)?;
             Installed::Prometheus { recorder, listener }
         }
         ExporterKind::Dogstatsd => {
+            if cfg.native_histograms.enabled {
+                tracing::warn!(
+                    "metrics.native_histograms.enabled has no effect with metrics.exporter: \
+                     dogstatsd; native histograms are served to Prometheus scrapes only"
+                );
+            }
             metrics_exporter_dogstatsd::DogStatsDBuilder::default()
                 .with_remote_address(&cfg.dogstatsd.address)
                 .and_then(|b| b.with_telemetry(false).install())
@@ -121,6 +139,16 @@ pub async fn install(
     defs::describe_all();
     handles::record_build_info();
     Ok(installed)
+}
+
+/// What `metrics.native_histograms` asks of the recorder; None when off.
+pub fn native_settings(cfg: &MetricsConfig) -> Option<native::NativeSettings> {
+    let n = &cfg.native_histograms;
+    n.enabled.then(|| native::NativeSettings {
+        schema: native::schema_for_factor(n.bucket_factor),
+        max_buckets: n.max_buckets,
+        zero_threshold: n.zero_threshold,
+    })
 }
 
 /// Starts the background work of an installed exporter: the HTTP endpoint

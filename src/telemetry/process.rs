@@ -21,6 +21,7 @@ use rustix::process::Resource;
 use tokio_util::sync::CancellationToken;
 
 use super::defs::*;
+use super::protobuf;
 use super::recorder::{family_header, label_set};
 
 /// `process_cpu_usage`: CPU time over wall time since the previous refresh.
@@ -204,17 +205,37 @@ impl ProcessCollector {
 
     /// Appends every process family, read now.
     pub fn render_into(&self, out: &mut String) {
+        for (name, value) in self.read() {
+            write_family(out, name, value);
+        }
+    }
+
+    /// Appends every process family, read now, as length-delimited
+    /// protobuf `MetricFamily` messages.
+    pub fn render_protobuf_into(&self, out: &mut Vec<u8>) {
+        for (name, value) in self.read() {
+            let (Some(value), Some(def)) = (value, METRICS.iter().find(|d| d.name == name)) else {
+                continue;
+            };
+            let family = protobuf::unlabelled(def.name, def.help, def.kind, value);
+            protobuf::write_delimited(out, &family);
+        }
+    }
+
+    /// Every process family's value, in the order of the page.
+    fn read(&self) -> Vec<(&'static str, Option<f64>)> {
         let cpu_usage = self
             .cpu
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .read();
         let stats = ProcessStats::read();
-        write_family(out, PROCESS_CPU_USAGE, Some(cpu_usage));
-        write_family(out, PROCESS_MEMORY_BYTES, stats.resident_bytes);
-        for (name, value) in stats.by_name() {
-            write_family(out, name, value);
-        }
+        let mut values = vec![
+            (PROCESS_CPU_USAGE, Some(cpu_usage)),
+            (PROCESS_MEMORY_BYTES, stats.resident_bytes),
+        ];
+        values.extend(stats.by_name());
+        values
     }
 }
 

@@ -47,6 +47,37 @@ pub fn try_http_get(addr: SocketAddr, path: &str, version: &str) -> std::io::Res
     parse_http_response(&raw)
 }
 
+/// GET with extra request headers; (status, headers, raw body bytes).
+pub fn get_with_headers(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, raw[split + 4..].to_vec())
+}
+
 /// Splits a whole HTTP/1 response (read until close) into status, headers
 /// and body.
 pub fn parse_http_response(raw: &[u8]) -> std::io::Result<HttpResponse> {

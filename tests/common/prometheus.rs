@@ -60,12 +60,22 @@ impl Prometheus {
     /// be put in `dir` beforehand). Waits until `/-/ready` answers 200.
     /// None (with a printed reason) when `prometheus` is missing outside CI.
     pub fn start_in(dir: tempfile::TempDir, config: &str) -> Option<Prometheus> {
+        Self::start_with_flags(dir, config, &[])
+    }
+
+    /// `start_in` with more command-line flags, such as
+    /// `--enable-feature=native-histograms`.
+    pub fn start_with_flags(
+        dir: tempfile::TempDir,
+        config: &str,
+        flags: &[&str],
+    ) -> Option<Prometheus> {
         let bin = require_bin("prometheus")?;
         let config_file = dir.path().join("prometheus.yml");
         std::fs::write(&config_file, config).expect("write prometheus.yml");
         let mut dir = Some(dir);
         for attempt in 1.. {
-            let mut prom = Self::spawn(&bin, dir.take().unwrap(), free_port());
+            let mut prom = Self::spawn(&bin, dir.take().unwrap(), free_port(), flags);
             match prom.wait_ready() {
                 Ok(()) => return Some(prom),
                 // Another process took the port after free_port() chose it.
@@ -78,7 +88,7 @@ impl Prometheus {
         unreachable!()
     }
 
-    fn spawn(bin: &Path, dir: tempfile::TempDir, port: u16) -> Prometheus {
+    fn spawn(bin: &Path, dir: tempfile::TempDir, port: u16, flags: &[&str]) -> Prometheus {
         let mut child = Command::new(bin)
             .arg(format!(
                 "--config.file={}",
@@ -89,6 +99,7 @@ impl Prometheus {
                 dir.path().join("tsdb").display()
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(flags)
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -163,11 +163,12 @@ pub fn metric_names(expr: &str) -> Result<Vec<String>, String> {
 }
 
 /// Whether the agent exports `name` (histograms as their `_bucket`, `_sum`
-/// and `_count` series), or it is Prometheus' own `up`.
+/// and `_count` series, or under their own name as native histograms), or
+/// it is Prometheus' own `up`.
 pub fn is_known_metric(name: &str) -> bool {
     name == "up"
         || METRICS.iter().any(|d| match d.kind {
-            Kind::Histogram => ["_bucket", "_sum", "_count"]
+            Kind::Histogram => ["_bucket", "_sum", "_count", ""]
                 .iter()
                 .any(|suffix| name.strip_suffix(suffix) == Some(d.name)),
             Kind::Counter | Kind::Gauge => name == d.name,
@@ -181,4 +182,39 @@ pub fn unknown_metrics(expr: &str) -> Vec<String> {
         Ok(names) => names.into_iter().filter(|n| !is_known_metric(n)).collect(),
         Err(e) => vec![e],
     }
+}
+
+/// The PromQL of every panel of the Grafana dashboard.
+pub fn dashboard_exprs() -> Vec<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let text = std::fs::read_to_string(super::docs_dir().join("grafana/agent.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut exprs = Vec::new();
+    walk(&dashboard["panels"], &mut exprs);
+    exprs
+}
+
+/// Whether `expr` selects a histogram under its own name: the series a
+/// Prometheus that ingests native histograms stores.
+pub fn selects_native_histograms(expr: &str) -> bool {
+    metric_names(expr).is_ok_and(|names| {
+        names.iter().any(|name| {
+            METRICS
+                .iter()
+                .any(|d| d.kind == Kind::Histogram && d.name == name)
+        })
+    })
 }
