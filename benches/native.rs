@@ -46,10 +46,12 @@
 //! Run: `cargo bench --bench native` (a shorter run:
 //! `cargo bench --bench native -- --warm-up-time 1 --measurement-time 3`).
 
+mod common;
+use common::{per_thread_time, runtime};
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use agent::config::DEFAULT_CACHE_SIZE;
@@ -284,37 +286,6 @@ fn native_contention(c: &mut Criterion) {
     medians.ratio(g, "native/2_threads", "native/1_threads");
     medians.ratio(g, "classic/2_threads", "classic/1_threads");
     medians.ratio(g, "native/1_threads", "classic/1_threads");
-}
-
-/// Runs `work` on `threads` threads released together, and returns the mean
-/// of the times each measured for itself (overhead.rs's).
-fn per_thread_time(threads: usize, work: impl Fn() + Sync) -> Duration {
-    let barrier = Barrier::new(threads);
-    let total: Duration = std::thread::scope(|s| {
-        let timed: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    let start = Instant::now();
-                    work();
-                    start.elapsed()
-                })
-            })
-            .collect();
-        timed
-            .into_iter()
-            .map(|t| t.join().expect("bench thread"))
-            .sum()
-    });
-    total / threads as u32
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 /// A recorder holding the agent's whole metric set, as a running agent's

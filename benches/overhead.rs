@@ -13,9 +13,11 @@
 //!
 //! Run: `cargo bench --bench overhead` (figures in docs/performance.md).
 
+mod common;
+use common::{per_thread_time, runtime};
+
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use agent::config::DEFAULT_CACHE_SIZE;
@@ -63,14 +65,6 @@ fn mode(on: bool) -> &'static str {
     } else {
         "metrics_off"
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 /// (a) Each storage operation on the local backend, metrics on and off.
@@ -352,29 +346,6 @@ fn contention(c: &mut Criterion) {
         );
     }
     group.finish();
-}
-
-/// Runs `work` on `threads` threads released together, and returns the mean
-/// of the times each measured for itself.
-fn per_thread_time(threads: usize, work: impl Fn() + Sync) -> Duration {
-    let barrier = Barrier::new(threads);
-    let total: Duration = std::thread::scope(|s| {
-        let timed: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    let start = Instant::now();
-                    work();
-                    start.elapsed()
-                })
-            })
-            .collect();
-        timed
-            .into_iter()
-            .map(|t| t.join().expect("bench thread"))
-            .sum()
-    });
-    total / threads as u32
 }
 
 /// (d) Rendering the agent's whole metric set, every series populated,

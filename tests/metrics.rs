@@ -8,7 +8,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 
 use agent::telemetry::defs::Source;
 use agent::telemetry::METRICS;
@@ -156,20 +155,7 @@ fn scrape_passes_promtool_check_metrics() {
     };
     let agent = Agent::start();
     let text = scrape_after_traffic(&agent);
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = promtool_check_metrics(&promtool, &text);
     let complaints = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -860,20 +846,6 @@ fn metrics_port_in_use_stops_startup_with_one_line_naming_the_address() {
     drop(holder);
 }
 
-/// Each series of a page (name and labels), and every HELP and TYPE line:
-/// what two scrapes moments apart agree on.
-fn shape(page: &str) -> Vec<String> {
-    page.lines()
-        .map(|l| match l.starts_with('#') {
-            true => l.to_string(),
-            false => l
-                .rsplit_once(' ')
-                .map_or(l, |(series, _)| series)
-                .to_string(),
-        })
-        .collect()
-}
-
 #[test]
 fn gzip_is_served_to_clients_that_accept_it() {
     use std::io::Read as _;
@@ -907,7 +879,7 @@ fn gzip_is_served_to_clients_that_accept_it() {
     let plain = String::from_utf8(plain).unwrap();
     // The same page: the same series, HELP and TYPE lines; and the values
     // that did not move between the two scrapes are equal.
-    assert_eq!(shape(&unzipped), shape(&plain));
+    assert_eq!(page_shape(&unzipped), page_shape(&plain));
     for (name, labels) in [
         ("messages_received_total", &[][..]),
         (

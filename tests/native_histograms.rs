@@ -186,18 +186,7 @@ fn the_text_format_is_unchanged_with_native_histograms_on() {
     }
     let (on_page, off_page) = (on.scrape(), off.scrape());
     // Values differ (durations, memory); series, HELP and TYPE lines do not.
-    let shape = |page: &str| -> Vec<String> {
-        page.lines()
-            .map(|l| match l.starts_with('#') {
-                true => l.to_string(),
-                false => l
-                    .rsplit_once(' ')
-                    .map_or(l, |(series, _)| series)
-                    .to_string(),
-            })
-            .collect()
-    };
-    assert_eq!(shape(&on_page), shape(&off_page));
+    assert_eq!(page_shape(&on_page), page_shape(&off_page));
     assert_eq!(
         value(&on_page, "message_processing_duration_seconds_count", &[]),
         10.0
@@ -206,24 +195,6 @@ fn the_text_format_is_unchanged_with_native_histograms_on() {
         let out = promtool_check_metrics(&promtool, &on_page);
         assert!(out.status.success(), "promtool: {out:?}");
     }
-}
-
-fn promtool_check_metrics(promtool: &std::path::Path, page: &str) -> std::process::Output {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 /// What each `Accept` gets, as docs/metrics.md says: the protobuf format

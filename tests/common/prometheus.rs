@@ -40,6 +40,39 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
+/// Each series of a page (name and labels), and every HELP and TYPE line:
+/// what two scrapes moments apart agree on.
+pub fn page_shape(page: &str) -> Vec<String> {
+    page.lines()
+        .map(|l| match l.starts_with('#') {
+            true => l.to_string(),
+            false => l
+                .rsplit_once(' ')
+                .map_or(l, |(series, _)| series)
+                .to_string(),
+        })
+        .collect()
+}
+
+/// `promtool check metrics` on an exposition page.
+pub fn promtool_check_metrics(promtool: &std::path::Path, page: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// One sample's value, panicking with the page when it is missing.
 pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     sample(text, name, labels).unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{text}"))
