@@ -1,8 +1,9 @@
-//! Metrics: definitions, the sharded recorder and its clock, exporter
-//! installation, the HTTP endpoint and process metrics.
+//! Metrics: definitions, the sharded recorder and its clock, native
+//! histogram buckets, exporter installation, the HTTP endpoint (text and
+//! protobuf) and process metrics.
 //!
 //! Call sites only use the `metrics` facade (through the handle structs in
-//! [`defs`]); which recorder receives the values is decided here, once, at
+//! [`handles`]); which recorder receives the values is decided here, once, at
 //! startup: our [`ShardedRecorder`] for Prometheus, `metrics-exporter-dogstatsd`
 //! for DogStatsD, or the no-op recorder.
 
@@ -12,7 +13,6 @@ pub mod defs;
 pub mod handles;
 pub mod http;
 pub mod native;
-mod native_bounds;
 pub mod process;
 pub mod protobuf;
 pub mod recorder;
