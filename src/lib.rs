@@ -13,9 +13,9 @@
 //! - [`storage`]: the `Storage` trait, its backends and the metrics wrapper.
 //! - [`telemetry`]: every metric's definition, exporter setup, `/metrics`.
 //!
-//! `unsafe` is denied in the crate and allowed on three functions only: the
-//! recorder's thread-pointer read, the TSC read and the SIOCOUTQ ioctl (the
-//! binary adds glibc's `mallopt`). Other system calls go through rustix's
+//! `unsafe` is denied in the crate and allowed on four functions only: the
+//! recorder's thread-pointer read, the native histogram row lookup, the TSC
+//! read and the SIOCOUTQ ioctl (the binary adds glibc's `mallopt`). Other system calls go through rustix's
 //! safe wrappers.
 #![deny(unsafe_code)]
 
