@@ -13,13 +13,16 @@
 //! How samples are kept. Within one binary octave `[2^k, 2^(k+1))` (one
 //! value of an f64's sign and exponent bits, a "row") the buckets at schema
 //! `s >= 0` are `k·2^s + j`, `j` in `0..=2^s`, where `j = 0` only for `2^k`
-//! exactly. So each row gets one block of counters, allocated the first
-//! time a sample falls in it, with `2^s + 1` counters for each shard, and a
-//! sample is: the row's block, one table lookup and one compare on the
-//! mantissa for `j`, and an add to the calling thread's own counter.
-//! Nothing is allocated for a bucket whose row was seen before. Rows whose
-//! every value is within the zero threshold share the zero bucket's block
-//! from the start, so the zero test costs a sample nothing.
+//! exactly. So each row gets one block, allocated the first time a sample
+//! falls in it: a header, then for each shard a cell per bucket, two where
+//! a classic bound falls inside the bucket, so that each cell belongs to
+//! one native and one classic bucket. A sample is the row's block, one
+//! table lookup (and, rarely, a compare) on the mantissa for `j`, one
+//! compare with the header's split, and an add to the calling thread's own
+//! cell; the classic counts are summed from the cells at the scrape.
+//! Nothing is allocated for a bucket whose row was seen before. A row whose
+//! every value is within the zero threshold is a row like the others, whose
+//! cells count in the zero bucket at the scrape.
 //!
 //! A sample that needs a new bucket takes the cold path: the first sample
 //! of a row allocates the row's block (once per row and series, under a
