@@ -74,7 +74,7 @@ pub async fn run(
     let health = handler.storage().health().clone();
     let ready = Arc::new(move || health.readiness());
     let metrics_networks = Arc::new(RwLock::new(resolved.allowed_networks.clone()));
-    telemetry::spawn(
+    let remote_write = telemetry::spawn(
         installed,
         &config.metrics,
         &resolved,
@@ -171,6 +171,10 @@ pub async fn run(
                 "some connections did not take their last replies in time; closing them"
             );
         }
+    }
+    // After the drain, so the last push carries every reply's count.
+    if let Some(remote_write) = remote_write {
+        remote_write.shutdown().await;
     }
     handler.storage().close().await;
     tracing::info!("agent stopped");

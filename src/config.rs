@@ -10,9 +10,11 @@
 //! the Redis password file) are read here too, so that `check-config`
 //! catches an unreadable or mismatched file before a restart does.
 
+pub mod remote_write;
 mod tls;
 pub mod web;
 
+pub use remote_write::{RemoteWrite, RemoteWriteConfig};
 pub use tls::PeerTls;
 pub use web::{WebConfig, WebTls};
 
@@ -351,6 +353,13 @@ pub struct MetricsConfig {
     /// `metrics.native_histograms`: exponential buckets beside the classic
     /// ones, served in the protobuf scrape format.
     pub native_histograms: NativeHistogramsConfig,
+    /// `metrics.listen`: false opens no metrics port (no scrape, no
+    /// `/health` or `/ready`), for an agent that only pushes with
+    /// `remote_write`.
+    pub listen: bool,
+    /// `metrics.remote_write`: pushes every series to a Prometheus
+    /// remote-write receiver; off while its `url` is empty.
+    pub remote_write: RemoteWriteConfig,
 }
 
 impl Default for MetricsConfig {
@@ -367,6 +376,8 @@ impl Default for MetricsConfig {
             web_config_file: PathBuf::new(),
             dogstatsd: DogstatsdConfig::default(),
             native_histograms: NativeHistogramsConfig::default(),
+            listen: true,
+            remote_write: RemoteWriteConfig::default(),
         }
     }
 }
@@ -472,6 +483,8 @@ pub struct Resolved {
     /// `storage.redis_cluster.nodes`, checked, with the password from its
     /// `password_file` applied to each.
     pub redis_cluster_nodes: Vec<SecretUrl>,
+    /// `metrics.remote_write`, loaded; None when its `url` is empty.
+    pub remote_write: Option<RemoteWrite>,
 }
 
 /// A URL that may hold a password. `Debug` and `Display` redact it, so a
@@ -686,6 +699,15 @@ impl Config {
         if self.metrics.exporter == ExporterKind::Dogstatsd {
             check_host_port("metrics.dogstatsd.address", &self.metrics.dogstatsd.address)?;
         }
+        let remote_write = self
+            .metrics
+            .remote_write
+            .resolve(remote_write::Context {
+                enabled: self.metrics.enabled,
+                exporter: self.metrics.exporter,
+                listen: self.metrics.listen,
+                node_id: &self.node_id(),
+            })?;
         check_log_level(&self.log.level)?;
         Ok(Resolved {
             listen,
@@ -696,6 +718,7 @@ impl Config {
             web,
             redis_url,
             redis_cluster_nodes,
+            remote_write,
         })
     }
 
@@ -798,6 +821,7 @@ impl Config {
         for node in &mut shown.storage.redis_cluster.nodes {
             *node = redact_url(node);
         }
+        shown.metrics.remote_write.url = redact_url(&shown.metrics.remote_write.url);
         serde_yaml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 

@@ -295,6 +295,70 @@ catalog! {
         "Always 1; the version label names the running build.",
         &["version"],
     );
+    /// Counter: samples remote write read from the recorder and queued.
+    AGENT_REMOTE_WRITE_SAMPLES_TOTAL = agent(
+        "agent_remote_write_samples_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Samples remote write read from the recorder and queued for the receiver; a native histogram counts as one. Each ends as sent, failed, dropped or still pending.",
+        &[],
+    );
+    /// Counter: samples the receiver stored.
+    AGENT_REMOTE_WRITE_SAMPLES_SENT_TOTAL = agent(
+        "agent_remote_write_samples_sent_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Samples the remote-write receiver accepted (answered 2xx).",
+        &[],
+    );
+    /// Counter: samples given up because the receiver refused them for good.
+    AGENT_REMOTE_WRITE_SAMPLES_FAILED_TOTAL = agent(
+        "agent_remote_write_samples_failed_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Samples given up because the remote-write receiver refused their request with a status that is not retried (4xx other than 429).",
+        &[],
+    );
+    /// Counter: the oldest samples dropped beyond `max_pending`.
+    AGENT_REMOTE_WRITE_SAMPLES_DROPPED_TOTAL = agent(
+        "agent_remote_write_samples_dropped_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Oldest pending samples dropped because more than metrics.remote_write.max_pending waited for the receiver.",
+        &[],
+    );
+    /// Gauge: samples waiting for the receiver.
+    AGENT_REMOTE_WRITE_SAMPLES_PENDING = agent(
+        "agent_remote_write_samples_pending",
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Samples waiting to be sent to the remote-write receiver, those in a request on the wire included.",
+        &[],
+    );
+    /// Gauge: when the receiver last accepted a request.
+    AGENT_REMOTE_WRITE_LAST_SUCCESS_TIMESTAMP_SECONDS = agent(
+        "agent_remote_write_last_success_timestamp_seconds",
+        Kind::Gauge,
+        Some(Unit::Seconds),
+        "Unix time at which the remote-write receiver last accepted a request; 0 before the first.",
+        &[],
+    );
+    /// Counter: write requests, by result.
+    AGENT_REMOTE_WRITE_REQUESTS_TOTAL = agent(
+        "agent_remote_write_requests_total",
+        Kind::Counter,
+        Some(Unit::Count),
+        "Remote-write requests by result: success, server_error (5xx, retried), throttled (429, retried), timeout (retried), connection_error (retried) or rejected (other status, not retried).",
+        &["result"],
+    );
+    /// Counter: compressed bytes of the write requests sent.
+    AGENT_REMOTE_WRITE_REQUEST_BYTES_TOTAL = agent(
+        "agent_remote_write_request_bytes_total",
+        Kind::Counter,
+        Some(Unit::Bytes),
+        "Bytes of remote-write request bodies (snappy-compressed protobuf) sent, every attempt counted.",
+        &[],
+    );
     /// Counter: user plus system CPU seconds, to clock-tick resolution.
     PROCESS_CPU_SECONDS_TOTAL = process(
         "process_cpu_seconds_total",

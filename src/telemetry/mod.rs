@@ -16,6 +16,7 @@ pub mod native;
 pub mod process;
 pub mod protobuf;
 pub mod recorder;
+pub mod remote_write;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,10 +60,11 @@ pub enum TelemetryError {
 pub enum Installed {
     /// The Prometheus recorder, and the endpoint's socket still to be served.
     Prometheus {
-        /// Serves the scrapes.
+        /// Serves the scrapes and remote write.
         recorder: ShardedRecorder,
-        /// Bound to `metrics.address`:`metrics.port`.
-        listener: TcpListener,
+        /// Bound to `metrics.address`:`metrics.port`; None with
+        /// `metrics.listen: false`.
+        listener: Option<TcpListener>,
     },
     /// Pushing to DogStatsD; nothing to serve.
     Dogstatsd,
@@ -86,6 +88,14 @@ impl Exposition {
         self.recorder.render_into(&mut out);
         self.process.render_into(&mut out);
         out
+    }
+
+    /// Every family, read now: the recorder's, then the process set; what
+    /// remote write pushes.
+    pub fn families(&self) -> Vec<protobuf::MetricFamily> {
+        let mut families = self.recorder.protobuf_families();
+        families.extend(self.process.protobuf_families());
+        families
     }
 
     /// The whole page as length-delimited protobuf `MetricFamily`
@@ -114,9 +124,14 @@ pub async fn install(
     let installed = match cfg.exporter {
         ExporterKind::Prometheus => {
             let addr = resolved.metrics_addr;
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| TelemetryError::Bind { addr, source })?;
+            let listener = if cfg.listen {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| TelemetryError::Bind { addr, source })?;
+                Some(listener)
+            } else {
+                None
+            };
             let recorder = ShardedRecorder::with_native(native_settings(cfg));
             metrics::set_global_recorder(recorder.clone())
                 .map_err(|_| TelemetryError::AlreadyInstalled)?;
@@ -153,7 +168,8 @@ pub fn native_settings(cfg: &MetricsConfig) -> Option<native::NativeSettings> {
 
 /// Starts the background work of an installed exporter: the HTTP endpoint
 /// for Prometheus (process metrics are read at each scrape; `ready` answers
-/// `/ready`), the process sampler for DogStatsD.
+/// `/ready`) and remote write when configured, the process sampler for
+/// DogStatsD. Returns the remote-write sender, which shutdown flushes.
 pub fn spawn(
     installed: Installed,
     cfg: &MetricsConfig,
@@ -161,10 +177,21 @@ pub fn spawn(
     cancel: &CancellationToken,
     ready: http::ReadyCheck,
     allowed_networks: http::SharedNetworks,
-) {
+) -> Option<remote_write::Handle> {
     match installed {
-        Installed::Disabled => {}
+        Installed::Disabled => None,
         Installed::Prometheus { recorder, listener } => {
+            let remote = resolved.remote_write.clone().map(|rw| {
+                let exposition = Exposition {
+                    recorder: recorder.clone(),
+                    process: ProcessCollector::new(cfg.process_interval),
+                };
+                remote_write::spawn(exposition, rw)
+            });
+            let Some(listener) = listener else {
+                tracing::info!("metrics.listen is false: no metrics port, no /health or /ready");
+                return remote;
+            };
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(
                     %addr,
@@ -198,6 +225,7 @@ pub fn spawn(
                 );
             }
             tokio::spawn(http::serve(listener, endpoint, cancel.clone()));
+            remote
         }
         Installed::Dogstatsd => {
             // Sample before returning, so the first push already has process metrics.
@@ -205,6 +233,7 @@ pub fn spawn(
             sampler.sample();
             tokio::spawn(sampler.run(cfg.process_interval, cancel.clone()));
             tracing::info!(address = %cfg.dogstatsd.address, "sending metrics to DogStatsD");
+            None
         }
     }
 }

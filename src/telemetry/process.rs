@@ -213,13 +213,20 @@ impl ProcessCollector {
     /// Appends every process family, read now, as length-delimited
     /// protobuf `MetricFamily` messages.
     pub fn render_protobuf_into(&self, out: &mut Vec<u8>) {
-        for (name, value) in self.read() {
-            let (Some(value), Some(def)) = (value, METRICS.iter().find(|d| d.name == name)) else {
-                continue;
-            };
-            let family = protobuf::unlabelled(def.name, def.help, def.kind, value);
+        for family in self.protobuf_families() {
             protobuf::write_delimited(out, &family);
         }
+    }
+
+    /// Every process family, read now, as protobuf `MetricFamily` messages.
+    pub fn protobuf_families(&self) -> Vec<protobuf::MetricFamily> {
+        self.read()
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let def = METRICS.iter().find(|d| d.name == name)?;
+                Some(protobuf::unlabelled(def.name, def.help, def.kind, value?))
+            })
+            .collect()
     }
 
     /// Every process family's value, in the order of the page.

@@ -88,8 +88,17 @@ impl ShardedRecorder {
     /// messages, in the text format's order; histograms carry their native
     /// buckets when they keep them.
     pub fn render_protobuf_into(&self, out: &mut Vec<u8>) {
+        for family in self.protobuf_families() {
+            protobuf::write_delimited(out, &family);
+        }
+    }
+
+    /// Every series as protobuf `MetricFamily` messages, read now, in the
+    /// text format's order: what the protobuf scrape and remote write send.
+    pub fn protobuf_families(&self) -> Vec<protobuf::MetricFamily> {
         let descriptions = lock(&self.registry.descriptions);
         let help = |name: &str| descriptions.get(name).map(|d| d.as_ref());
+        let mut families = Vec::new();
 
         for (name, series) in by_name(&lock(&self.registry.counters)) {
             let mut family = protobuf::family(&name, help(&name), MetricType::Counter);
@@ -97,7 +106,7 @@ impl ShardedRecorder {
                 let metric = protobuf::counter(protobuf::labels(key), counter.value());
                 family.metric.push(metric);
             }
-            protobuf::write_delimited(out, &family);
+            families.push(family);
         }
         for (name, series) in by_name(&lock(&self.registry.gauges)) {
             let mut family = protobuf::family(&name, help(&name), MetricType::Gauge);
@@ -107,7 +116,7 @@ impl ShardedRecorder {
                     .metric
                     .push(protobuf::gauge(protobuf::labels(key), value));
             }
-            protobuf::write_delimited(out, &family);
+            families.push(family);
         }
         for (name, series) in by_name(&lock(&self.registry.histograms)) {
             let mut family = protobuf::family(&name, help(&name), MetricType::Histogram);
@@ -121,8 +130,9 @@ impl ShardedRecorder {
                     native,
                 ));
             }
-            protobuf::write_delimited(out, &family);
+            families.push(family);
         }
+        families
     }
 }
 
