@@ -85,6 +85,9 @@ pub struct Prometheus {
     pub addr: SocketAddr,
     dir: Option<tempfile::TempDir>,
     log: Arc<Mutex<String>>,
+    /// What [`Prometheus::restart`] starts again.
+    bin: PathBuf,
+    flags: Vec<String>,
 }
 
 impl Prometheus {
@@ -155,7 +158,33 @@ impl Prometheus {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             dir: Some(dir),
             log,
+            bin: bin.to_path_buf(),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
         }
+    }
+
+    /// Stops the server as an operator would (SIGTERM), keeping its
+    /// directory and port for [`Prometheus::restart`].
+    pub fn shut_down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: a plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same directory (config and TSDB)
+    /// and port, and waits until it is ready.
+    pub fn restart(&mut self) {
+        self.shut_down();
+        let dir = self.dir.take().expect("a directory");
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        let mut again = Self::spawn(&self.bin, dir, self.addr.port(), &flags);
+        again
+            .wait_ready()
+            .unwrap_or_else(|log| panic!("prometheus did not restart:\n{log}"));
+        std::mem::swap(self, &mut again);
+        // `again` now holds the stopped server's nothing: no child, no dir.
     }
 
     /// Polls `/-/ready`; Err(log) if Prometheus exits or never gets ready.
