@@ -10,7 +10,12 @@
 #
 #   benches/callgrind.sh [--backend local|redis|redis_cluster] [--rounds 3] [--messages 50000]
 #                        [--peers 16] [--mix get=90,put=10,delete=0] [--keys 10000]
-#                        [--max-ratio R] [--compare metrics|tls]
+#                        [--max-ratio R] [--compare metrics|tls] [--remote-write INTERVAL]
+#
+# --remote-write 15s runs both sides with metrics.remote_write pushing to a
+# local receiver (a Python sink answering 204) every 15s; the "off" side
+# ignores it with metrics disabled. The pushes run on the agent's runtime,
+# so their instructions are counted with the messages'.
 #
 # --compare tls measures TLS instead: metrics stay on, and "on" is mutual TLS
 # on the peer port (certificates from `loadgen --make-certs`), "off" plain
@@ -36,9 +41,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 backend=local rounds=3 messages=50000 peers=16 mix="get=90,put=10,delete=0" keys=10000
-max_ratio= compare=metrics
+max_ratio= compare=metrics remote_write=
 . benches/common.sh
-parse_args "backend rounds messages peers mix keys max-ratio compare" "$@"
+parse_args "backend rounds messages peers mix keys max-ratio compare remote-write" "$@"
 for tool in valgrind callgrind_control callgrind_annotate python3; do
   command -v "$tool" >/dev/null || { echo "$tool is required (Debian: apt-get install valgrind python3)" >&2; exit 1; }
 done
@@ -55,6 +60,27 @@ agent_env "$backend"
 load() { "$loadgen_bin" --addr "127.0.0.1:$peer_port" --peers "$peers" --keys "$keys" "$@"; }
 
 preload "$keys"
+if [ -n "$remote_write" ]; then
+  # A remote-write receiver that takes everything: it only has to answer.
+  sink_port=$(free_port)
+  python3 - "$sink_port" >"$work/sink.log" 2>&1 <<'PY' &
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+PY
+  pids+=($!)
+  wait_port "$sink_port"
+  export AGENT_METRICS__REMOTE_WRITE__URL="http://127.0.0.1:$sink_port/api/v1/write"
+  export AGENT_METRICS__REMOTE_WRITE__INTERVAL="$remote_write"
+fi
 if [ "$compare" = tls ]; then
   "$loadgen_bin" --make-certs "$work/tls"
 fi

@@ -91,6 +91,66 @@ const BAD_FILES: &[(&str, &str)] = &[
         "metrics.native_histograms.buckets: unknown key",
     ),
     ("log:\n  format: xml\n", "log.format: "),
+    (
+        "metrics:\n  remote_write:\n    url: ftp://h/w\n",
+        "metrics.remote_write.url: \"ftp://h/w\" must be an http:// or https:// URL",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: \"http://u:hunter2@h:9/w\"\n",
+        "metrics.remote_write.url: must not hold credentials",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: http://h/w\n    interval: 10ms\n",
+        "metrics.remote_write.interval: 10ms is below the minimum of 100ms",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: http://h/w\n    timeout: 0s\n",
+        "metrics.remote_write.timeout: must be greater than 0",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: http://h/w\n    max_pending: 0\n",
+        "metrics.remote_write.max_pending: must be at least 1",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: http://h/w\n    external_labels:\n      __x: y\n",
+        "metrics.remote_write.external_labels.__x: a label name",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: http://h/w\n    basic_auth:\n      username: u\n",
+        "metrics.remote_write.basic_auth.password_file: must be set",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: http://h/w\n    basic_auth:\n      username: u\n      password_file: /nonexistent/pw\n",
+        "metrics.remote_write.basic_auth.password_file: cannot read /nonexistent/pw",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: http://h/w\n    basic_auth:\n      username: u\n      password_file: f.yaml\n    bearer_token_file: f.yaml\n",
+        "metrics.remote_write.bearer_token_file: cannot be combined",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: http://h/w\n    tls:\n      ca_file: f.yaml\n",
+        "metrics.remote_write.tls: is set but metrics.remote_write.url is http://",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: https://h/w\n    tls:\n      cert_file: f.yaml\n",
+        "metrics.remote_write.tls.key_file: must be set",
+    ),
+    (
+        "metrics:\n  remote_write:\n    url: https://h/w\n    tls:\n      ca_file: /nonexistent/ca.pem\n",
+        "metrics.remote_write.tls.ca_file: cannot read",
+    ),
+    (
+        "metrics:\n  remote_write:\n    urls: http://h/w\n",
+        "metrics.remote_write.urls: unknown key",
+    ),
+    (
+        "metrics:\n  listen: false\n",
+        "metrics.listen: false opens no metrics port, so metrics.remote_write.url must be set",
+    ),
+    (
+        "metrics:\n  exporter: dogstatsd\n  remote_write:\n    url: http://h/w\n",
+        "metrics.remote_write.url: needs metrics.exporter: prometheus",
+    ),
 ];
 
 #[test]
@@ -414,4 +474,20 @@ fn a_config_file_with_no_keys_is_an_error_naming_the_file() {
     let (code, stdout, _) = run_agent(dir.path(), &["check-config"], &[]);
     assert_eq!(code, 0);
     assert!(stdout.contains("port: 8080"), "{stdout}");
+}
+
+#[test]
+fn a_remote_write_url_with_a_password_is_refused_without_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_agent(
+        dir.path(),
+        &["check-config"],
+        &[("AGENT_METRICS__REMOTE_WRITE__URL", "https://pusher:hunter2@h/api/v1/write")],
+    );
+    let line = assert_config_error(
+        "credentials in remote_write.url",
+        out,
+        &["metrics.remote_write.url", "basic_auth"],
+    );
+    assert!(!line.contains("hunter2"), "{line}");
 }

@@ -55,7 +55,11 @@ fn scrape_after_traffic(agent: &Agent) -> String {
 
 #[test]
 fn endpoint_serves_prometheus_text_with_every_metric() {
-    let agent = Agent::start();
+    // Remote write on, so that its series are on the page too.
+    let receiver = Receiver::start(Vec::new());
+    let agent = Agent::start_with(
+        AgentOptions::default().env("AGENT_METRICS__REMOTE_WRITE__URL", receiver.url()),
+    );
     let resp = agent.http_get("/metrics");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("Content-Type"), Some(CONTENT_TYPE));

@@ -109,7 +109,7 @@ fn promtool_check_config_accepts_docs_prometheus_yml() {
         out.contains("is valid prometheus config file syntax"),
         "{out}"
     );
-    assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 14 rules found"), "{out}");
     assert!(!out.contains("WARNING"), "{out}");
 
     // Control: a malformed targets file next to it makes the check fail, so
@@ -132,7 +132,7 @@ fn promtool_check_rules_accepts_docs_alerts_yml() {
     let (ok, out) = run_promtool(&bin, &docs_dir(), &["check", "rules", "alerts.yml"]);
     assert!(ok, "promtool check rules failed:\n{out}");
     let rules = alert_rules();
-    assert_eq!(rules.len(), 11, "{rules:?}");
+    assert_eq!(rules.len(), 14, "{rules:?}");
     assert!(
         out.contains(&format!("SUCCESS: {} rules found", rules.len())),
         "{out}"

@@ -176,10 +176,9 @@ impl RemoteWriteConfig {
         }
         const URL: &str = "metrics.remote_write.url";
         if !ctx.enabled {
-            return Err(invalid(
-                URL,
-                "is set but metrics.enabled is false: nothing would be recorded to push",
-            ));
+            // Turning metrics off must be one switch: remote write goes
+            // with them (startup logs that it is ignored).
+            return Ok(None);
         }
         if ctx.exporter != ExporterKind::Prometheus {
             return Err(invalid(

@@ -119,6 +119,11 @@ pub async fn install(
         clock::set_timing(false);
         let _ = metrics::set_global_recorder(metrics::NoopRecorder);
         tracing::info!("Metrics endpoint disabled");
+        if !cfg.remote_write.url.is_empty() {
+            tracing::warn!(
+                "metrics.remote_write.url is ignored: metrics.enabled is false, so nothing is pushed"
+            );
+        }
         return Ok(Installed::Disabled);
     }
     let installed = match cfg.exporter {

@@ -254,6 +254,12 @@ mod tests {
     }
 
     #[test]
+    fn a_pending_sample_takes_32_bytes() {
+        // README and docs/monitoring.md size `max_pending` with this.
+        assert_eq!(std::mem::size_of::<Point>(), 32);
+    }
+
+    #[test]
     fn take_keeps_whole_snapshots_and_at_least_one() {
         let (a, b, c) = (labels("a"), labels("b"), labels("c"));
         let mut q = Queue::new(100);
