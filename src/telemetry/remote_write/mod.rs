@@ -103,6 +103,16 @@ impl Shared {
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Removes a batch that is sent or given up, and updates the gauge.
+    fn done_with(&self, batch: &queue::Batch) {
+        let pending = {
+            let mut queue = self.queue();
+            queue.ack(batch);
+            queue.samples()
+        };
+        self.metrics.pending.set(pending as f64);
+    }
 }
 
 /// Starts the collector and the sender for `exposition`'s series.
@@ -211,14 +221,9 @@ async fn send(mut client: Client, shared: Arc<Shared>, stop: CancellationToken) 
         let outcome = client.send(body).await;
         match outcome {
             Outcome::Sent => {
-                let pending = {
-                    let mut queue = shared.queue();
-                    queue.ack(&batch);
-                    queue.samples()
-                };
+                shared.done_with(&batch);
                 m.requests(Result::Success).increment(1);
                 m.sent.increment(batch.samples as u64);
-                m.pending.set(pending as f64);
                 m.last_success.set(unix_seconds());
                 backoff = MIN_BACKOFF;
                 if std::mem::take(&mut failing) {
@@ -226,14 +231,9 @@ async fn send(mut client: Client, shared: Arc<Shared>, stop: CancellationToken) 
                 }
             }
             Outcome::Rejected { detail } => {
-                let pending = {
-                    let mut queue = shared.queue();
-                    queue.ack(&batch);
-                    queue.samples()
-                };
+                shared.done_with(&batch);
                 m.requests(Result::Rejected).increment(1);
                 m.failed.increment(batch.samples as u64);
-                m.pending.set(pending as f64);
                 if let Some(held_back) = reject_warn.allow() {
                     tracing::warn!(
                         url = client.url(),
