@@ -405,10 +405,17 @@ fn registry(c: &mut Criterion) {
     use std::sync::Arc;
 
     const META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
-    let labels = || vec![Label::new("operation", "get"), Label::new("backend", "local")];
+    let labels = || {
+        vec![
+            Label::new("operation", "get"),
+            Label::new("backend", "local"),
+        ]
+    };
     let counter_key = Key::from_parts(telemetry::defs::STORAGE_OPERATIONS_TOTAL, labels());
-    let histogram_key =
-        Key::from_parts(telemetry::defs::STORAGE_OPERATION_DURATION_SECONDS, labels());
+    let histogram_key = Key::from_parts(
+        telemetry::defs::STORAGE_OPERATION_DURATION_SECONDS,
+        labels(),
+    );
     let sharded = ShardedRecorder::new();
     let atomic = Registry::atomic();
     let mut group = c.benchmark_group("registry");
@@ -425,9 +432,7 @@ fn registry(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let start = Instant::now();
             for i in 0..iters {
-                atomic.get_or_create_counter(&counter_key, |c| {
-                    metrics::CounterFn::increment(c, 1)
-                });
+                atomic.get_or_create_counter(&counter_key, |c| metrics::CounterFn::increment(c, 1));
                 atomic.get_or_create_histogram(&histogram_key, |h| h.push(black_box(0.000_3)));
                 if i % UPKEEP_EVERY == 0 {
                     atomic.get_or_create_histogram(&histogram_key, |h| h.clear_with(|_| ()));
