@@ -6,7 +6,7 @@
 # (the `metrics` facade, the exporter, metrics-util, crossbeam, quanta, the
 # rdtsc instruction, hyper and our telemetry module), and the median
 # ratios. Instruction counts do not depend on what else the machine is doing,
-# so this resolves differences far below the ±10% noise of wall-clock runs.
+# so this resolves differences far below the noise of wall-clock runs.
 #
 #   benches/callgrind.sh [--backend local|redis|redis_cluster] [--rounds 3] [--messages 50000]
 #                        [--peers 16] [--mix get=90,put=10,delete=0] [--keys 10000]
@@ -19,7 +19,8 @@
 #
 # --compare tls measures TLS instead: metrics stay on, and "on" is mutual TLS
 # on the peer port (certificates from `loadgen --make-certs`), "off" plain
-# TCP, so the ratio is what TLS costs per message (docs/performance.md).
+# TCP, so the ratio is what TLS costs per message (docs/performance.md,
+# "TLS, Redis Cluster, and the agent without metrics").
 #
 # With --max-ratio it is a regression gate: it exits 1 when the median
 # instructions-per-message ratio (on/off) exceeds R. CI runs it on local
@@ -33,10 +34,10 @@
 # Valgrind runs one thread at a time. By default the thread that gives up
 # its lock often takes it straight back, so how the tokio thread, the
 # storage threads and redb's group commit interleave, and with it how many
-# instructions a message costs, changed from round to round (rounds of one
-# binary spread by 2% on local 90/10). --fair-sched=yes hands the lock to
-# runnable threads in turn; the spread was 0.6% to 1.6% in four runs since
-# (docs/performance.md, section 3).
+# instructions a message costs, changed from round to round. --fair-sched=yes
+# hands the lock to runnable threads in turn, which narrows the spread of
+# rounds of one binary (docs/performance-history.md, "Callgrind:
+# instructions per message").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

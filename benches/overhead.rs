@@ -9,7 +9,8 @@
 //! The `recorder/*` groups compare the candidates behind the same facade
 //! calls: the sharded recorder, and `metrics-exporter-prometheus`'s own
 //! recorder (with its histogram upkeep inside the timed loop, as it would
-//! run in production).
+//! run in production). The `registry/*` group compares the recorder's
+//! handles and lookups with `metrics_util`'s `Registry<Key, AtomicStorage>`.
 //!
 //! Run: `cargo bench --bench overhead` (figures in docs/performance.md).
 
@@ -250,11 +251,11 @@ fn instrumentation(c: &mut Criterion) {
 /// The metric work of a message after other work has pushed its data out of
 /// the nearest caches, as the agent's own work and the kernel's do between
 /// two messages. The `instrumentation` loop keeps every line it touches in
-/// L1 and so measures the metric work at its cheapest; end to end, on the
-/// Xeon host, metrics cost about twice what that loop does
-/// (docs/performance.md). Before each message this writes one byte per
-/// cache line of a buffer larger than L1 (`evict_l1`, 192 KiB) or than L2
-/// (`evict_l2`, 4 MiB), then times the message's metric work alone.
+/// L1 and so measures the metric work at its cheapest; end to end, on a
+/// Xeon host, metrics cost more than that loop gives (docs/performance.md,
+/// "The peer message path, in time"). Before each message this writes one
+/// byte per cache line of a buffer larger than L1 (`evict_l1`, 192 KiB) or
+/// than L2 (`evict_l2`, 4 MiB), then times the message's metric work alone.
 /// `metrics_off` is the baseline: the same handles without a recorder, so
 /// the difference is what the metric work costs with cold caches.
 fn cold_instrumentation(c: &mut Criterion) {
@@ -379,12 +380,110 @@ fn render(c: &mut Criterion) {
     });
 }
 
+/// (e) Could `metrics_util::registry::Registry` hold the recorder's series?
+///
+/// Issue #31 asks whether `Registry<Key, AtomicStorage>`, the registry
+/// `metrics-util` ships, could replace the recorder's own map at the same
+/// cost. One iteration is the storage work of a message: a counter
+/// increment and a histogram sample, on a series with the two labels the
+/// storage metrics carry.
+/// - `lookup/*`: the series is looked up for every record, through
+///   `Registry::get_or_create_*` or the sharded recorder's `register_*`.
+/// - `handle/*`, `handle_2_threads/*`: the handle is looked up once and
+///   cached, as the agent's `MessageMetrics` and `StorageOpMetrics` do;
+///   the registry is then out of the path, and what is left is the storage
+///   it hands out. `AtomicStorage` gives one shared `AtomicU64` per counter
+///   and an `AtomicBucket` of samples per histogram, which grows until it
+///   is drained: it is drained every `UPKEEP_EVERY` records inside the
+///   timed loop, as a scrape or an upkeep task would.
+///
+/// Figures: docs/performance.md, "Could metrics_util's Registry serve as
+/// the registry?".
+fn registry(c: &mut Criterion) {
+    use metrics::{Key, Label, Level, Metadata, Recorder as _};
+    use metrics_util::registry::Registry;
+    use std::sync::Arc;
+
+    const META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
+    let labels = || {
+        vec![
+            Label::new("operation", "get"),
+            Label::new("backend", "local"),
+        ]
+    };
+    let counter_key = Key::from_parts(telemetry::defs::STORAGE_OPERATIONS_TOTAL, labels());
+    let histogram_key = Key::from_parts(
+        telemetry::defs::STORAGE_OPERATION_DURATION_SECONDS,
+        labels(),
+    );
+    let sharded = ShardedRecorder::new();
+    let atomic = Registry::atomic();
+    let mut group = c.benchmark_group("registry");
+
+    group.bench_function(BenchmarkId::new("lookup", "sharded"), |b| {
+        b.iter(|| {
+            sharded.register_counter(&counter_key, &META).increment(1);
+            sharded
+                .register_histogram(&histogram_key, &META)
+                .record(black_box(0.000_3));
+        })
+    });
+    group.bench_function(BenchmarkId::new("lookup", "atomic_storage"), |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for i in 0..iters {
+                atomic.get_or_create_counter(&counter_key, |c| metrics::CounterFn::increment(c, 1));
+                atomic.get_or_create_histogram(&histogram_key, |h| h.push(black_box(0.000_3)));
+                if i % UPKEEP_EVERY == 0 {
+                    atomic.get_or_create_histogram(&histogram_key, |h| h.clear_with(|_| ()));
+                }
+            }
+            start.elapsed()
+        })
+    });
+
+    let sharded_handles = (
+        sharded.register_counter(&counter_key, &META),
+        sharded.register_histogram(&histogram_key, &META),
+    );
+    let bucket = atomic.get_or_create_histogram(&histogram_key, Arc::clone);
+    let atomic_handles = (
+        metrics::Counter::from_arc(atomic.get_or_create_counter(&counter_key, Arc::clone)),
+        metrics::Histogram::from_arc(Arc::clone(&bucket)),
+    );
+    let candidates = [
+        ("sharded", &sharded_handles, None),
+        ("atomic_storage", &atomic_handles, Some(&bucket)),
+    ];
+    for (name, (counter, histogram), drain) in candidates {
+        let work = |iters: u64| {
+            for i in 0..iters {
+                counter.increment(1);
+                histogram.record(black_box(0.000_3));
+                if let Some(bucket) = drain {
+                    if i % UPKEEP_EVERY == 0 {
+                        bucket.clear_with(|_| ());
+                    }
+                }
+            }
+        };
+        group.bench_function(BenchmarkId::new("handle", name), |b| {
+            b.iter_custom(|iters| per_thread_time(1, || work(iters)))
+        });
+        group.bench_function(BenchmarkId::new("handle_2_threads", name), |b| {
+            b.iter_custom(|iters| per_thread_time(2, || work(iters)))
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     instrumentation,
     cold_instrumentation,
     contention,
     render,
+    registry,
     message_path,
     storage_ops
 );

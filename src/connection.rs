@@ -138,7 +138,7 @@ const IDLE_TICKS: u32 = 4;
 /// timer that ticks every quarter of the timeout checks it. After
 /// [`IDLE_TICKS`] ticks in a row without a request, waits on the peer fail
 /// with [`IdleTimeout`]. (The message path reads no clock when metrics are
-/// off, docs/performance.md.)
+/// off: docs/performance.md, "Targets".)
 struct IdleTimer {
     tick: Duration,
     sleep: Pin<Box<Sleep>>,

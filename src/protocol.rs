@@ -115,8 +115,9 @@ impl Failure {
 /// kept inline, longer ones on the heap. Holding all 256 possible bytes
 /// inline made every request's state about 270 bytes larger, and the
 /// futures that carry it through the handler and the connection task are
-/// moved by `memcpy`: 158 instructions more per local get, measured with
-/// callgrind (docs/performance.md).
+/// moved by `memcpy`, which measured more instructions per local get
+/// (callgrind; docs/performance-history.md, "The agent's own instructions
+/// per message, and two fixes").
 #[derive(Clone)]
 pub struct EchoId(IdBytes);
 

@@ -342,8 +342,8 @@ async fn serve<S: Storage, T: PeerStream>(
         // During a shutdown, a request that may wait on storage is cut
         // short by the drain deadline. Before it, every request is bounded
         // by its backend (storage.redis.timeout); racing each one against
-        // the deadline cost 4.7% more instructions per Redis message
-        // (docs/performance.md).
+        // the deadline cost measurably more instructions per Redis message
+        // (docs/performance-history.md, "Replies under a failing backend").
         let storage_failed = if stopping && handler.may_wait(&request) {
             handler
                 .execute_until(request, &mut out, stop.deadline)
@@ -360,8 +360,9 @@ async fn serve<S: Storage, T: PeerStream>(
             // the next one may wait as long again, so the replies made so
             // far go out now rather than behind it. While storage answers,
             // replies share writes: sending them before every request that
-            // waits on storage cost 13% of the throughput of pipelined local
-            // puts (docs/performance.md).
+            // waits on storage cost a tenth and more of the throughput of
+            // pipelined local puts (docs/performance-history.md, "Replies
+            // under a failing backend").
             written = conn.flush().await;
         }
         match written {

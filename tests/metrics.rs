@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 
 use agent::telemetry::defs::Source;
 use agent::telemetry::METRICS;
@@ -721,25 +721,6 @@ fn allowed_networks_forbid_other_clients() {
         .contains("# TYPE messages_received_total counter\n"));
 }
 
-/// A raw HTTP/1.1 request with `Connection: close`: (status, body).
-fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
-
 #[test]
 fn health_answers_ok_other_paths_404_and_metrics_path_is_configurable() {
     let agent = Agent::start();
@@ -748,7 +729,7 @@ fn health_answers_ok_other_paths_404_and_metrics_path_is_configurable() {
     let ready = agent.http_get("/ready");
     assert_eq!((ready.status, ready.body.as_str()), (200, "OK\n"));
     assert_eq!(
-        http_request(agent.metrics_addr, "HEAD", "/ready"),
+        http_request(agent.metrics_addr, "HEAD", "/ready").status_and_body(),
         (200, String::new())
     );
     for path in [
@@ -767,9 +748,12 @@ fn health_answers_ok_other_paths_404_and_metrics_path_is_configurable() {
         );
     }
     assert_eq!(agent.http_get("/metrics?x=1").status, 200);
-    assert_eq!(http_request(agent.metrics_addr, "POST", "/metrics").0, 405);
     assert_eq!(
-        http_request(agent.metrics_addr, "HEAD", "/metrics"),
+        http_request(agent.metrics_addr, "POST", "/metrics").status,
+        405
+    );
+    assert_eq!(
+        http_request(agent.metrics_addr, "HEAD", "/metrics").status_and_body(),
         (200, String::new())
     );
 

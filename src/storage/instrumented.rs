@@ -131,9 +131,9 @@ impl HealthObserver for HealthMetrics {
 /// Runs and measures one operation. It takes the operation as a closure,
 /// not as a future: an `async fn` keeps a future argument in its state and
 /// then a second copy of it for the `.await`, which made the wrapper's
-/// future twice the size of the backend's (1,616 bytes against 768 for a
-/// get, in a debug build) and cost 238 instructions more per local get
-/// (callgrind, docs/performance.md).
+/// future twice the size of the backend's and cost more instructions per
+/// local get (callgrind; docs/performance-history.md, "The agent's own
+/// instructions per message, and two fixes").
 async fn measured<T, F: Future<Output = Result<T, StorageError>>>(
     m: &StorageOpMetrics,
     log: &FailureLog,

@@ -1,15 +1,15 @@
 //! The clock behind the duration histograms.
 //!
 //! Durations on the message path are raw counter readings turned into
-//! seconds with one multiplication by a scale computed once. Measured under
-//! callgrind, four `quanta::Instant::now` reads cost about 230 instructions
-//! a message; raw reads and the scale cost about a tenth of that
-//! (docs/performance.md).
+//! seconds with one multiplication by a scale computed once: under
+//! callgrind, raw reads and the scale cost a small fraction of what
+//! `quanta::Instant::now` reads cost
+//! (measured: docs/performance.md, "What is decided, and why").
 //!
 //! Where quanta has calibrated the TSC (x86_64 with an invariant TSC), the
 //! TSC is read here directly: `quanta::Clock::raw` reads the same `rdtsc`
-//! behind a match on its clock kind, which measured 6 instructions more per
-//! read, 24 per message. Elsewhere `quanta::Clock::raw` is used as it is.
+//! behind a match on its clock kind, which measured more instructions per
+//! read (same section). Elsewhere `quanta::Clock::raw` is used as it is.
 //!
 //! With `metrics.enabled: false` the handle structs get no [`Timer`], so the
 //! message path reads no clock at all and "metrics off" is a truly

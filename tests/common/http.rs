@@ -14,6 +14,11 @@ pub struct HttpResponse {
 }
 
 impl HttpResponse {
+    /// The status and the body, for comparing both at once.
+    pub fn status_and_body(self) -> (u16, String) {
+        (self.status, self.body)
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -45,6 +50,23 @@ pub fn try_http_get(addr: SocketAddr, path: &str, version: &str) -> std::io::Res
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     parse_http_response(&raw)
+}
+
+/// A request with any method and an empty body, HTTP/1.1 with
+/// `Connection: close`, read until the server closes; panics on failure.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> HttpResponse {
+    let send = || -> std::io::Result<HttpResponse> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(WAIT))?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        parse_http_response(&raw)
+    };
+    send().unwrap_or_else(|e| panic!("{method} {path} from {addr}: {e}"))
 }
 
 /// GET with extra request headers; (status, headers, raw body bytes).

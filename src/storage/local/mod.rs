@@ -8,7 +8,7 @@
 //! - a few readers answer a batch of gets from one read transaction. Under
 //!   load a batch costs one thread wake-up instead of one per get, which is
 //!   what handing each get to tokio's blocking pool cost (most of the CPU
-//!   per message, see docs/performance.md);
+//!   per message; docs/performance-history.md, "Reader threads");
 //! - a watchdog checks that the file is still there and probes whether
 //!   writes work again after a failure.
 //!

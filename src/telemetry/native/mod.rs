@@ -113,8 +113,9 @@ pub(crate) struct NativeBuckets {
     /// Cells per shard in a row: one per native bucket, plus one for each
     /// classic bound inside the row, then at least 8 more (64 bytes), so
     /// that no two shards write the same cache line whatever the block's
-    /// alignment. Without the gaps, two threads on one series cost 1.30
-    /// times as much per sample as one (`native_contention`).
+    /// alignment. Without the gaps, two threads on one series cost more per
+    /// sample than one (`native_contention`; measured: docs/performance.md,
+    /// "What is decided, and why").
     stride: usize,
     /// The histogram's classic bounds, which split cells.
     classic_bounds: &'static [f64],
@@ -284,9 +285,9 @@ impl NativeBuckets {
     /// The row's block is reached through a raw pointer: with a safe
     /// `OnceLock<Box<[AtomicU64]>>` per row, its state check, the slice's
     /// length and bounds checks and a separate zero-threshold test, native
-    /// buckets cost 105 instructions per message beyond the classic ones
-    /// (callgrind, local gets); with the raw pointer 63, and with one cell
-    /// for both kinds 22 (docs/performance.md, "Native histograms").
+    /// buckets cost several times the instructions per message they cost
+    /// now (callgrind, local gets; measured: docs/performance.md, "What is
+    /// decided, and why").
     #[inline(always)]
     #[allow(unsafe_code)]
     pub(crate) fn cell(&self, row: *const AtomicU64, shard: usize, bits: u64) -> &AtomicU64 {

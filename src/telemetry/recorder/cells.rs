@@ -31,8 +31,9 @@ const SKIP_BITS: u32 = 14;
 /// (the x86-64 ELF TLS ABI): one load, no call. Thread stacks, and the
 /// thread pointer at their top, are mapped about 2 MiB apart (Rust's default
 /// thread stack), so bits 21 and up give threads created one after another
-/// consecutive shards. Reading a `thread_local!` instead measured 12 more
-/// instructions per record: the library is compiled position-independent,
+/// consecutive shards. Reading a `thread_local!` instead measured more
+/// instructions per record (docs/performance.md, "What is decided, and
+/// why"): the library is compiled position-independent,
 /// so LLVM assumes a `__tls_get_addr` call and saves registers around it,
 /// even after the linker relaxes the call away.
 ///
@@ -122,8 +123,9 @@ pub(crate) fn owner_add(cell: &AtomicU64, value: u64) {
 /// Padding rather than an over-aligned type (`#[repr(align(128))]`,
 /// crossbeam's `CachePadded`): over-aligned allocations go through
 /// `memalign`, whose leftover fragments then sit in malloc's free lists, and
-/// the message path's own small allocations measured 40 to 50 more
-/// instructions per message in `_int_malloc` with them.
+/// the message path's own small allocations measured more instructions per
+/// message in `_int_malloc` with them (docs/performance.md, "What is
+/// decided, and why").
 #[repr(C)]
 pub(super) struct CounterShard {
     pub(super) value: AtomicU64,
@@ -166,7 +168,8 @@ impl ShardedCounter {
     ///
     /// A separate cold function that the record path calls last, with only
     /// the owner check inline: a call in the middle made the fast path save
-    /// and restore three registers (6 of its instructions).
+    /// and restore three registers (docs/performance-history.md, "The
+    /// recorder candidates").
     #[cold]
     #[inline(never)]
     fn increment_unowned(&self, value: u64, me: usize, shard: &CounterShard) {
@@ -273,24 +276,25 @@ pub(crate) struct ShardedHistogram {
     /// every value with those bits. The search for a sample's bucket starts
     /// there, so it compares against at most the bounds in a quarter of a
     /// binary octave (at most one of the 1-2.5-5 latency buckets) instead
-    /// of searching all of them. With 12 bits (whole octaves) the search
-    /// stepped past 1.9 bounds per sample on local gets, with 14 bits 1.2
-    /// (callgrind's line counts of the loop).
+    /// of searching all of them. 14 bits step past fewer bounds per sample
+    /// than 12 (whole octaves) on local gets (callgrind's line counts of the
+    /// loop; docs/performance-history.md, "The recorder candidates").
     ///
     /// In the struct rather than boxed: a sample then loads its entry
     /// directly instead of a pointer first, one instruction and one cache
-    /// line fewer. With the shard order of [`HistogramShard`], this took
+    /// line fewer. With the shard order of [`HistogramShard`], this reduced
     /// the cache lines that one message's metric work misses after other
-    /// work has evicted L1 from 21.1 to 17.8 (callgrind's cache simulation
-    /// of `instrumentation_cold/evict_l1`, docs/performance.md).
+    /// work has evicted L1 (callgrind's cache simulation of
+    /// `instrumentation_cold/evict_l1`; docs/performance-history.md, "Cold
+    /// caches").
     skip: [u8; 1 << SKIP_BITS],
     /// Keeps the shards' cells out of the cache lines of the fields above,
     /// which every recording thread reads (`repr(C)` keeps this order).
     /// Without it the owner of shard 0 wrote into a line the other threads
-    /// read: two threads on one series cost 4% to 11% more per record than
-    /// one, against 1% to 3% for threads sharing nothing at all
-    /// (`contention/private_cells`, criterion, eight runs each); with it, the
-    /// two are alike.
+    /// read: two threads on one series cost more per record than one,
+    /// beyond what threads sharing nothing at all cost
+    /// (`contention/private_cells`); with it, the two are alike (measured:
+    /// docs/performance-history.md, "Criterion: two threads on one series").
     _gap: [u64; 16],
     shards: [HistogramShard; SHARDS],
     /// For threads whose shard another thread owns: locked adds.
@@ -327,8 +331,8 @@ impl ShardedHistogram {
     #[inline]
     pub(super) fn bucket(&self, value: f64) -> usize {
         // A NaN's top bits are those of an infinity: a negative NaN would
-        // start at -Inf's row and stop in the lowest bucket. Two
-        // instructions (compare, branch) per sample.
+        // start at -Inf's row and stop in the lowest bucket. A compare and
+        // a branch per sample.
         if value.is_nan() {
             return self.bounds.len();
         }
@@ -425,9 +429,9 @@ impl HistogramFn for ShardedHistogram {
 /// also tells its classic bucket ([`NativeBuckets::add`]); the classic
 /// counts are summed from those cells at the scrape. Only samples without
 /// such a cell (the native cold path) go through the classic bucket search.
-/// Recording both kinds apart cost 52 more instructions per message than
-/// classic buckets alone on local gets; this way 22 (docs/performance.md,
-/// "Native histograms").
+/// Recording both kinds apart cost more than twice the extra instructions
+/// per message of this way (measured: docs/performance.md, "What is
+/// decided, and why").
 ///
 /// A type of its own rather than an optional field, so that neither kind
 /// checks the setting per sample.

@@ -3,28 +3,25 @@
 //! `/metrics` is scraped.
 //!
 //! Written by hand for speed. `metrics-exporter-prometheus`'s own recorder
-//! costs about 280 instructions per histogram sample (it stamps each sample
-//! with the clock, pins a crossbeam-epoch guard, queues 24 bytes and drains
-//! them later), and every message records two samples: 6% of a local get.
+//! stamps each histogram sample with the clock, pins a crossbeam-epoch
+//! guard, queues the sample and drains it later: many times the
+//! instructions per sample of this recorder, and every message records two.
 //! Here a sample is a bucket index found by a table lookup on the value's
-//! binary exponent and two adds to the calling thread's shard: 28
-//! instructions with the owner check, as callgrind places them in the agent;
-//! a counter increment is one add, 10. Shards are padded apart, so
-//! threads recording the same series do not bounce a cache line between
-//! cores.
+//! binary exponent and two adds to the calling thread's shard; a counter
+//! increment is one add. Shards are padded apart, so threads recording the
+//! same series do not bounce a cache line between cores.
 //!
 //! A shard is written only by the thread that owns it, so its adds are a
 //! plain load and store of an atomic, not a locked read-modify-write. On
 //! x86 every locked instruction is a full barrier, and a message made six
-//! (two counters; a bucket and a sum per histogram). Measured with criterion
-//! on an Intel Xeon VM: the metric work of a message went from 127.6 to
-//! 74.6 ns, a counter increment from 9.4 to 3.2 ns and a histogram sample
-//! from 16.9 to 3.6 ns, for 8 more instructions per message (the owner
-//! check). A thread whose shard another live thread owns records into the
-//! series' shared cell with locked adds instead, so every count stays
-//! exact.
-//! The measurements, and the candidates compared, are in
-//! docs/performance.md.
+//! (two counters; a bucket and a sum per histogram): dropping them made a
+//! message's metric work markedly faster in time, for the few instructions
+//! of the owner check. A thread whose shard another live thread owns
+//! records into the series' shared cell with locked adds instead, so every
+//! count stays exact.
+//! (measured: docs/performance.md, "What is decided, and why"; the
+//! candidates compared: docs/performance-history.md, "The recorder
+//! candidates".)
 //!
 //! Gauges are one atomic cell, not sharded: `set` needs a single value, and
 //! no gauge is on the message path.
