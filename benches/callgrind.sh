@@ -122,6 +122,7 @@ measure() {
   wait "$load_pid"
   callgrind_control -i off "$agent_pid" >/dev/null 2>&1
   n=$(sed -nE 's/^RESULT messages=([0-9]+).*/\1/p' "$work/load.out")
+  secs=$(sed -nE 's/^RESULT .*seconds=([0-9.]+).*/\1/p' "$work/load.out")
   kill -TERM "$agent_pid"; wait "$agent_pid" || true
   python3 - "$profile" "$n" "$round" "$on" >>"$results" <<'PY'
 import re, subprocess, sys
@@ -142,7 +143,7 @@ for line in out.splitlines():
             in_metrics += cost
 print(round_, on, f'{total / n:.1f}', f'{in_metrics / n:.1f}')
 PY
-  tail -1 "$results" | awk -v p="$profile" -v c="$compare" '{ printf "round %s %s=%s: %s instructions/msg, %s of them in metrics code (%s)\n", $1, c, $2, $3, $4, p }'
+  tail -1 "$results" | awk -v p="$profile" -v c="$compare" -v s="$secs" '{ printf "round %s %s=%s: %s instructions/msg, %s of them in metrics code, over %.1f s (%s)\n", $1, c, $2, $3, $4, s, p }'
 }
 alternate_rounds measure
 
