@@ -11,8 +11,8 @@ use metrics::{Counter, Gauge};
 
 use super::clock::DurationHistogram;
 use super::defs::*;
-use crate::protocol::FailReason;
-use crate::throttle::Throttle;
+use super::throttle::Throttle;
+use crate::peer::protocol::FailReason;
 
 /// The one label of a single-label metric, as the catalog names it.
 fn label(name: &str) -> &'static str {

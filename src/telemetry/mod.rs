@@ -1,6 +1,12 @@
 //! Metrics: definitions, the sharded recorder and its clock, native
 //! histogram buckets, exporter installation, the HTTP endpoint (text and
-//! protobuf) and process metrics.
+//! protobuf) and process metrics; and the [`Throttle`] that keeps a warning
+//! repeated without end to one log line a period, as the storage wrapper,
+//! the peer side and the endpoint's socket alarm all need it beside their
+//! counters.
+//!
+//! The endpoint accepts connections as the peer listener does, through
+//! [`crate::net`]; nothing here imports the peer side or a storage backend.
 //!
 //! Call sites only use the `metrics` facade (through the handle structs in
 //! [`handles`]); which recorder receives the values is decided here, once, at
@@ -16,6 +22,7 @@ pub mod native;
 pub mod process;
 pub mod protobuf;
 pub mod recorder;
+mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +40,7 @@ pub use handles::{
 };
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
+pub(crate) use throttle::Throttle;
 
 /// Why the metrics exporter could not start; the agent does not start
 /// either (exit 1, this one line).

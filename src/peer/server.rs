@@ -1,6 +1,6 @@
 //! The peer listener: admits connections (the allow-list, then the
 //! connection limit, evicting never-served connections first, see
-//! [`crate::admission`], then the TLS handshake), closes idle ones, and
+//! [`crate::net`], then the TLS handshake), closes idle ones, and
 //! serves each connection in its own task.
 
 use std::net::SocketAddr;
@@ -14,16 +14,19 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{Admission, Admitted, Ticket};
-use crate::budget::{Budget, Reservation};
-use crate::connection::{self, Connection, Frame, PeerStream, FIXED_BUFFER};
-use crate::handler::Handler;
-use crate::net::{accept, allowed, SocketBudget};
-use crate::peers::Peers;
-use crate::protocol;
+use super::budget::{Budget, Reservation};
+use super::connection::{self, Connection, Frame, PeerStream, FIXED_BUFFER};
+use super::handler::Handler;
+use super::peers::Peers;
+use super::protocol;
+use crate::net::{accept, allowed, Admission, Admitted, SocketBudget, Ticket};
 use crate::storage::Storage;
+use crate::telemetry::Throttle;
 use crate::telemetry::{sockets_full_alarm, DenyReason};
-use crate::throttle::Throttle;
+
+/// The target of these log lines: the module's path before the move into
+/// a folder, kept so that operators' filters still match (`log.level: info,agent::server=debug` shows each connection).
+const LOG_TARGET: &str = "agent::server";
 
 /// At most one warning about refused connections per this period.
 const REJECTION_LOG_PERIOD: Duration = Duration::from_secs(60);
@@ -91,14 +94,14 @@ impl<S: Storage> Server<S> {
             // the allow-list costs the agent nothing but the accept.
             if !allowed(&self.allowed_networks, remote.ip()) {
                 self.peers.denied(DenyReason::NotAllowed);
-                tracing::debug!(%remote, "not in network.allowed_networks; closing connection");
+                tracing::debug!(target: LOG_TARGET, %remote, "not in network.allowed_networks; closing connection");
                 continue;
             }
             let ticket = match admission.admit() {
                 Admitted::Yes(ticket) => ticket,
                 Admitted::Evicting(ticket) => {
                     self.peers.evicted();
-                    tracing::debug!(%remote, "network.max_connections reached; a connection that never completed a request makes room");
+                    tracing::debug!(target: LOG_TARGET, %remote, "network.max_connections reached; a connection that never completed a request makes room");
                     ticket
                 }
                 Admitted::Refused => {
@@ -106,14 +109,14 @@ impl<S: Storage> Server<S> {
                     // At the cap every new connection is refused: one line
                     // a minute says so, with how many since the last one.
                     match rejections.allow() {
-                        Some(suppressed) => tracing::warn!(
+                        Some(suppressed) => tracing::warn!(target: LOG_TARGET,
                             %remote,
                             max_connections = self.max_connections,
                             suppressed,
                             "network.max_connections reached: closing new peer connections"
                         ),
                         None => {
-                            tracing::debug!(%remote, "network.max_connections reached; closing connection")
+                            tracing::debug!(target: LOG_TARGET, %remote, "network.max_connections reached; closing connection")
                         }
                     }
                     continue;
@@ -180,7 +183,7 @@ struct ConnLog {
 
 impl ConnLog {
     fn open(remote: SocketAddr, tls: bool) -> Self {
-        tracing::debug!(%remote, tls, "peer connection open");
+        tracing::debug!(target: LOG_TARGET, %remote, tls, "peer connection open");
         Self {
             remote,
             opened: std::time::Instant::now(),
@@ -191,7 +194,7 @@ impl ConnLog {
 
 impl Drop for ConnLog {
     fn drop(&mut self) {
-        tracing::debug!(
+        tracing::debug!(target: LOG_TARGET,
             remote = %self.remote,
             duration = ?self.opened.elapsed(),
             messages = self.messages,
@@ -224,7 +227,7 @@ async fn handshake(
     deny_after_handshake(peers, ticket, reason);
     // Debug, not warn: anyone who can reach the port can trigger this, and
     // the counter is what to alert on. The dialing side logs the cause.
-    tracing::debug!(%remote, reason = reason.as_str(), %error, "peer TLS handshake failed");
+    tracing::debug!(target: LOG_TARGET, %remote, reason = reason.as_str(), %error, "peer TLS handshake failed");
     None
 }
 
@@ -410,7 +413,7 @@ async fn close_idle<T: PeerStream>(mut conn: Connection<T>, peers: &Peers, ticke
     if ticket.leave() {
         peers.idle_closed();
     }
-    tracing::debug!("closing a peer connection idle for network.idle_timeout");
+    tracing::debug!(target: LOG_TARGET, "closing a peer connection idle for network.idle_timeout");
     let deadline = tokio::time::Instant::now() + IDLE_CLOSE_FLUSH;
     let flushed = tokio::time::timeout_at(deadline, conn.shutdown()).await;
     conn.wait_delivered(deadline).await;
