@@ -15,8 +15,10 @@
 //! The arrows run one way, down this list's reverse: `app` wires the
 //! others; `peer` imports `net`, `storage` and `telemetry`; `storage`
 //! never imports the network side, and only its metrics wrapper imports
-//! `telemetry`; `config`, the protocol and the metric catalog import
-//! nothing of the agent.
+//! `telemetry`. At the bottom, `config` and the metric catalog
+//! (`telemetry::defs`, with the label values in `telemetry::labels`)
+//! import nothing of the agent; the protocol imports only those labels,
+//! so that telemetry never imports the peer side.
 //!
 //! `unsafe` is denied in the crate and allowed on four functions only: the
 //! recorder's thread-pointer read, the native histogram row lookup, the TSC

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod defs;
 pub mod handles;
 pub mod http;
+pub mod labels;
 pub mod native;
 pub mod process;
 pub mod protobuf;
@@ -35,9 +36,10 @@ use crate::config::{ExporterKind, MetricsConfig, Resolved};
 pub use clock::{DurationHistogram, Start};
 pub use defs::METRICS;
 pub use handles::{
-    sockets_full_alarm, DenyReason, HttpMetrics, MessageMetrics, PeerMetrics, StorageHealthMetrics,
+    sockets_full_alarm, HttpMetrics, MessageMetrics, PeerMetrics, StorageHealthMetrics,
     StorageOpMetrics,
 };
+pub use labels::{DenyReason, FailReason};
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
 pub(crate) use throttle::Throttle;
