@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// The target of these log lines: the module's path before the move into
-/// a folder, kept so that operators' filters still match (they may name it in `log.level`).
+/// a folder, kept so that operators' `log.level` filters still match.
 const LOG_TARGET: &str = "agent::net";
 
 /// Whether `ip` may connect. An IPv4 client on a dual-stack socket shows

@@ -11,5 +11,5 @@
 mod accept;
 mod admission;
 
-pub(crate) use accept::{accept, allowed, SocketBudget};
+pub(crate) use accept::{accept, allowed, SocketBudget, SocketPermit};
 pub use admission::{Admission, Admitted, ServedMark, Ticket, WhenAllServed};

@@ -15,7 +15,7 @@ use crate::telemetry::Throttle;
 use crate::telemetry::{MessageMetrics, Start};
 
 /// The target of these log lines: the module's path before the move into
-/// a folder, kept so that operators' filters still match (they may name it in `log.level`).
+/// a folder, kept so that operators' `log.level` filters still match.
 const LOG_TARGET: &str = "agent::handler";
 
 /// At most one summary of failed messages per this period.

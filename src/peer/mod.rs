@@ -2,7 +2,9 @@
 //!
 //! - [`Server`] (`server.rs`): the peer listener. Admits connections (the
 //!   allow-list and the connection cap from [`crate::net`], then the TLS
-//!   handshake), closes idle ones, and serves each in its own task.
+//!   handshake) and hands each to its own task.
+//! - `session.rs`: one connection's handler, which owns what serving it
+//!   needs and loops: read a frame, decode it, apply it, write the reply.
 //! - `connection.rs`: line framing over one peer stream; `budget.rs`: the
 //!   memory for large messages, shared by all connections.
 //! - [`Handler`] (`handler.rs`): one request line into one reply line,
@@ -25,6 +27,7 @@ mod outbound;
 mod peers;
 pub mod protocol;
 mod server;
+mod session;
 mod text;
 
 pub use budget::{Budget, Reservation};

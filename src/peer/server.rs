@@ -1,7 +1,8 @@
 //! The peer listener: admits connections (the allow-list, then the
 //! connection limit, evicting never-served connections first, see
-//! [`crate::net`], then the TLS handshake), closes idle ones, and
-//! serves each connection in its own task.
+//! [`crate::net`], then the TLS handshake), and hands each admitted
+//! connection to its own task, where a [`Session`] serves it. As mini-redis's
+//! `Listener`, it owns nothing of a connection once it is handed over.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,32 +15,22 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::budget::{Budget, Reservation};
-use super::connection::{self, Connection, Frame, PeerStream, FIXED_BUFFER};
+use super::budget::Budget;
+use super::connection::{self, Connection};
 use super::handler::Handler;
 use super::peers::Peers;
-use super::protocol;
+use super::session::{Session, Shared};
 use crate::net::{accept, allowed, Admission, Admitted, SocketBudget, Ticket};
 use crate::storage::Storage;
-use crate::telemetry::Throttle;
-use crate::telemetry::{sockets_full_alarm, DenyReason};
+use crate::telemetry::{sockets_full_alarm, DenyReason, Throttle};
 
 /// The target of these log lines: the module's path before the move into
-/// a folder, kept so that operators' filters still match (`log.level: info,agent::server=debug` shows each connection).
-const LOG_TARGET: &str = "agent::server";
+/// a folder, kept so that operators' filters still match
+/// (`log.level: info,agent::server=debug` shows each connection).
+pub(super) const LOG_TARGET: &str = "agent::server";
 
 /// At most one warning about refused connections per this period.
 const REJECTION_LOG_PERIOD: Duration = Duration::from_secs(60);
-/// How long a closing connection may take to deliver its last replies.
-const FINAL_FLUSH: Duration = Duration::from_secs(5);
-/// How long input is drained after a too-large message before closing.
-const TOO_LARGE_DRAIN: Duration = Duration::from_secs(1);
-/// A reply's bytes besides its value: the id (at most
-/// `protocol::MAX_ID_BYTES`) and the reply's own fields, with room to spare.
-const REPLY_OVERHEAD: usize = 1024;
-/// How long an idle connection may take to deliver what it still holds
-/// before it is reset (its peer has not been reading).
-const IDLE_CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 /// The inbound side of the peer protocol: accepts, admits and serves connections.
 pub struct Server<S> {
@@ -84,6 +75,15 @@ impl<S: Storage> Server<S> {
             sockets_full_alarm("peer", "network.max_connections", self.max_connections),
         );
         let mut rejections = Throttle::new(REJECTION_LOG_PERIOD);
+        let shared = Shared {
+            handler: Arc::clone(&self.handler),
+            peers: self.peers.clone(),
+            budget: Arc::clone(&self.budget),
+            max_line: self.max_line,
+            idle_timeout: self.idle_timeout,
+            cancel: cancel.clone(),
+            deadline: self.drain_deadline.clone(),
+        };
         loop {
             let Some((stream, remote, permit)) =
                 accept(&self.listener, &sockets, &cancel, "peer listener").await
@@ -122,84 +122,37 @@ impl<S: Storage> Server<S> {
                     continue;
                 }
             };
-            let handler = Arc::clone(&self.handler);
-            let peers = self.peers.clone();
-            let cancel = cancel.clone();
-            let budget = Arc::clone(&self.budget);
-            let deadline = self.drain_deadline.clone();
-            let (max_line, idle_timeout) = (self.max_line, self.idle_timeout);
+            let shared = shared.clone();
             let Some(tls) = self.tls.clone() else {
-                let conn = Connection::tcp(stream, max_line)
-                    .with_idle_timeout(idle_timeout)
-                    .with_budget(Arc::clone(&budget));
+                let conn = shared.frame(Connection::tcp(stream, shared.max_line));
                 tracker.spawn(async move {
-                    let _permit = permit;
-                    let _guard = peers.connected();
-                    let mut log = ConnLog::open(remote, false);
-                    let stop = Stop {
-                        cancel: &cancel,
-                        deadline: &deadline,
-                    };
-                    serve(conn, &handler, &peers, &budget, &ticket, stop, &mut log).await;
-                    drop(ticket);
+                    Session::open(conn, remote, false, ticket, permit, shared)
+                        .run()
+                        .await;
                 });
                 continue;
             };
             tracker.spawn(async move {
-                let _permit = permit;
                 connection::prepare(&stream);
                 // A connection still in its handshake has completed no
                 // request, so it may be evicted at the cap like any other.
                 let stream = tokio::select! {
-                    s = handshake(stream, remote, &tls, &peers, &ticket, &cancel) => s,
+                    s = handshake(stream, remote, &tls, &shared.peers, &ticket, &shared.cancel) => s,
                     _ = ticket.evicted() => None,
                 };
-                if let Some(stream) = stream {
-                    let conn = Connection::new(stream, max_line)
-                        .with_idle_timeout(idle_timeout)
-                        .with_budget(Arc::clone(&budget));
-                    let _guard = peers.connected();
-                    let mut log = ConnLog::open(remote, true);
-                    let stop = Stop {
-                        cancel: &cancel,
-                        deadline: &deadline,
-                    };
-                    serve(conn, &handler, &peers, &budget, &ticket, stop, &mut log).await;
+                match stream {
+                    Some(stream) => {
+                        let conn = shared.frame(Connection::new(stream, shared.max_line));
+                        Session::open(conn, remote, true, ticket, permit, shared)
+                            .run()
+                            .await;
+                    }
+                    // Its place first, then its socket's share, as a
+                    // session gives them back.
+                    None => drop((ticket, permit)),
                 }
-                drop(ticket);
             });
         }
-    }
-}
-
-/// An inbound connection's life in the debug log: one line when it opens,
-/// one when it closes (however it ends), with its duration and messages.
-struct ConnLog {
-    remote: SocketAddr,
-    opened: std::time::Instant,
-    /// Complete requests read, including one too large.
-    messages: u64,
-}
-
-impl ConnLog {
-    fn open(remote: SocketAddr, tls: bool) -> Self {
-        tracing::debug!(target: LOG_TARGET, %remote, tls, "peer connection open");
-        Self {
-            remote,
-            opened: std::time::Instant::now(),
-            messages: 0,
-        }
-    }
-}
-
-impl Drop for ConnLog {
-    fn drop(&mut self) {
-        tracing::debug!(target: LOG_TARGET,
-            remote = %self.remote,
-            duration = ?self.opened.elapsed(),
-            messages = self.messages,
-            "peer connection closed"
-        );
     }
 }
 
@@ -251,178 +204,6 @@ fn classify(e: &std::io::Error) -> DenyReason {
         Some(rustls::Error::NoCertificatesPresented) => DenyReason::TlsNoCertificate,
         Some(rustls::Error::InvalidCertificate(_)) => DenyReason::TlsBadCertificate,
         _ => DenyReason::TlsError,
-    }
-}
-
-/// The two moments of a shutdown a connection acts on.
-#[derive(Clone, Copy)]
-struct Stop<'a> {
-    /// Stop reading; answer what was read.
-    cancel: &'a CancellationToken,
-    /// The drain time is up: what still waits on storage is answered
-    /// `shutting down`.
-    deadline: &'a CancellationToken,
-}
-
-/// Serves one connection: one reply per request line, in order.
-///
-/// Replies are batched into one write while storage answers, and sent at
-/// once after a request that storage failed, so a stalled backend never
-/// holds back an error reply behind the next request's wait.
-///
-/// Memory beyond the connection's fixed buffers comes from `budget`: for a
-/// long line (reserved by the connection as it reads, and kept while what
-/// was decoded from the line is in use), and for a reply that may be long
-/// (a get: reserved for the longest possible reply before it runs, then cut
-/// to the actual size until the peer has taken it). Both buffers shrink
-/// back afterwards.
-async fn serve<S: Storage, T: PeerStream>(
-    mut conn: Connection<T>,
-    handler: &Handler<S>,
-    peers: &Peers,
-    budget: &Budget,
-    ticket: &Ticket,
-    stop: Stop<'_>,
-    log: &mut ConnLog,
-) {
-    let cancel = stop.cancel;
-    // The longest reply beyond the fixed write buffer: a value as long as
-    // the longest request, plus the id and the reply's own fields.
-    let longest_reply = (conn.max_line() + REPLY_OVERHEAD).saturating_sub(FIXED_BUFFER);
-    let mut out = Vec::with_capacity(256);
-    loop {
-        // At shutdown, requests already received are answered; nothing more is read.
-        let stopping = cancel.is_cancelled();
-        if stopping && !conn.has_buffered_line() {
-            break;
-        }
-        let frame = tokio::select! {
-            biased;
-            frame = conn.read_line() => frame,
-            _ = cancel.cancelled() => break,
-            // Counted at admission; it never completed a request, so no
-            // reply is owed.
-            _ = ticket.evicted() => return,
-        };
-        out.clear();
-        match frame {
-            Ok(Frame::Line) => {}
-            Ok(Frame::Closed) => return,
-            Err(e) if connection::is_idle_timeout(&e) => {
-                return close_idle(conn, peers, ticket).await
-            }
-            Err(_) => return,
-            Ok(Frame::TooLarge) => {
-                log.messages += 1;
-                handler.too_large(conn.max_line(), &mut out);
-                let _ = conn.write(&out).await;
-                let _ = tokio::time::timeout(FINAL_FLUSH, conn.shutdown()).await;
-                conn.discard_input(TOO_LARGE_DRAIN).await;
-                return;
-            }
-        }
-        if protocol::is_blank(conn.line()) {
-            // Not a request; a long one gives its memory back all the same.
-            drop(conn.release_line());
-            continue;
-        }
-        ticket.served();
-        log.messages += 1;
-        conn.restart_idle_timer();
-        let request = handler.decode(conn.line());
-        let mut hold = conn.release_line();
-        if request.reply_may_be_large() && longest_reply > 0 {
-            // One reservation at a time: the line's goes back first.
-            drop(hold);
-            hold = match reserve_reply(&mut conn, budget, longest_reply).await {
-                Ok(reply_hold) => Some(reply_hold),
-                Err(e) if connection::is_idle_timeout(&e) => {
-                    return close_idle(conn, peers, ticket).await
-                }
-                Err(_) => return,
-            };
-        }
-        // During a shutdown, a request that may wait on storage is cut
-        // short by the drain deadline. Before it, every request is bounded
-        // by its backend (storage.redis.timeout); racing each one against
-        // the deadline cost 4.7% more instructions per Redis message
-        // (docs/performance.md).
-        let storage_failed = if stopping && handler.may_wait(&request) {
-            handler
-                .execute_until(request, &mut out, stop.deadline)
-                .await
-        } else {
-            handler.execute(request, &mut out).await
-        };
-        if let Some(hold) = &mut hold {
-            hold.shrink_to(out.capacity().saturating_sub(FIXED_BUFFER));
-        }
-        let mut written = conn.write(&out).await;
-        if storage_failed && written.is_ok() {
-            // Storage failed this request (timed out, unreachable, refused):
-            // the next one may wait as long again, so the replies made so
-            // far go out now rather than behind it. While storage answers,
-            // replies share writes: sending them before every request that
-            // waits on storage cost 13% of the throughput of pipelined local
-            // puts (docs/performance.md).
-            written = conn.flush().await;
-        }
-        match written {
-            Ok(()) => {}
-            Err(e) if connection::is_idle_timeout(&e) => {
-                return close_idle(conn, peers, ticket).await
-            }
-            Err(_) => return,
-        }
-        // The reply is with the kernel, or in the fixed write buffer: its
-        // memory goes back, and the budget with it.
-        if out.capacity() > FIXED_BUFFER {
-            out = Vec::with_capacity(256);
-        }
-        drop(hold);
-    }
-    let deadline = tokio::time::Instant::now() + FINAL_FLUSH;
-    let _ = tokio::time::timeout_at(deadline, conn.shutdown()).await;
-    // The peer may still be sending; closing now would reset the connection
-    // and drop replies it has not received yet.
-    conn.wait_delivered(deadline).await;
-}
-
-/// Reserves `bytes` for a reply. If they are not free now, the replies
-/// already due are sent first, then it waits; the peer's idle time starts
-/// over afterwards, as the wait was the agent's.
-async fn reserve_reply<T: PeerStream>(
-    conn: &mut Connection<T>,
-    budget: &Budget,
-    bytes: usize,
-) -> std::io::Result<Reservation> {
-    if let Some(hold) = budget.try_reserve(bytes) {
-        return Ok(hold);
-    }
-    conn.flush().await?;
-    let hold = conn.reserve_unless_failed(budget, bytes).await?;
-    conn.restart_idle_timer();
-    Ok(hold)
-}
-
-/// Closes a connection whose peer completed no request within
-/// `network.idle_timeout`, and counts it unless a newcomer evicted it first.
-async fn close_idle<T: PeerStream>(mut conn: Connection<T>, peers: &Peers, ticket: &Ticket) {
-    // Give the place up before the flush below, so that no newcomer
-    // evicts a connection already on its way out.
-    if ticket.leave() {
-        peers.idle_closed();
-    }
-    tracing::debug!(target: LOG_TARGET, "closing a peer connection idle for network.idle_timeout");
-    let deadline = tokio::time::Instant::now() + IDLE_CLOSE_FLUSH;
-    let flushed = tokio::time::timeout_at(deadline, conn.shutdown()).await;
-    conn.wait_delivered(deadline).await;
-    if !matches!(flushed, Ok(Ok(()))) || !conn.delivered() {
-        // The peer is not taking its replies. A plain close would leave
-        // the kernel holding them (megabytes, for minutes) and the peer
-        // reading EOF only once it had read them all; a reset frees them
-        // now, and the peer's next read fails.
-        conn.reset_on_close();
     }
 }
 
