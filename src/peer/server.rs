@@ -19,15 +19,10 @@ use super::budget::Budget;
 use super::connection::{self, Connection};
 use super::handler::Handler;
 use super::peers::Peers;
-use super::session::{Session, Shared};
+use super::session::{Session, Shared, LOG_TARGET};
 use crate::net::{accept, allowed, Admission, Admitted, SocketBudget, Ticket};
 use crate::storage::Storage;
 use crate::telemetry::{sockets_full_alarm, DenyReason, Throttle};
-
-/// The target of these log lines: the module's path before the move into
-/// a folder, kept so that operators' filters still match
-/// (`log.level: info,agent::server=debug` shows each connection).
-pub(super) const LOG_TARGET: &str = "agent::server";
 
 /// At most one warning about refused connections per this period.
 const REJECTION_LOG_PERIOD: Duration = Duration::from_secs(60);

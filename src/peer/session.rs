@@ -27,9 +27,15 @@ use super::connection::{self, Connection, Frame, PeerStream, FIXED_BUFFER};
 use super::handler::{Decoded, Handler};
 use super::peers::{PeerGuard, Peers};
 use super::protocol;
-use super::server::LOG_TARGET;
 use crate::net::{SocketPermit, Ticket};
 use crate::storage::Storage;
+
+/// The target of the listener's and its connections' log lines: the
+/// module's path before the peer side became a folder, kept so that
+/// operators' filters still match (`log.level: info,agent::server=debug`
+/// shows each connection). Here rather than in `server.rs`, which imports
+/// this file, so that the import runs one way.
+pub(super) const LOG_TARGET: &str = "agent::server";
 
 /// How long a closing connection may take to deliver its last replies.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
