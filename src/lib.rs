@@ -12,13 +12,14 @@
 //! - [`storage`]: the `Storage` trait, its backends and the metrics wrapper.
 //! - [`telemetry`]: every metric's definition, exporter setup, `/metrics`.
 //!
-//! The arrows run one way, down this list's reverse: `app` wires the
-//! others; `peer` imports `net`, `storage` and `telemetry`; `storage`
-//! never imports the network side, and only its metrics wrapper imports
-//! `telemetry`. At the bottom, `config` and the metric catalog
-//! (`telemetry::defs`, with the label values in `telemetry::labels`)
-//! import nothing of the agent; the protocol imports only those labels,
-//! so that telemetry never imports the peer side.
+//! Imports run one way, downwards: `app` wires the others; `peer` imports
+//! `net`, `storage` and `telemetry`; `telemetry` imports `net` (its
+//! endpoint accepts as the peer listener does) and `config`; `storage`
+//! imports `config`, and `telemetry` from its metrics wrapper only, never
+//! the network side. At the bottom, `config`, `net` and the metric
+//! catalog (`telemetry::defs`, with the label values in
+//! `telemetry::labels`) import nothing of the agent; the protocol imports
+//! only those labels, so that telemetry never imports the peer side.
 //!
 //! `unsafe` is denied in the crate and allowed on four functions only: the
 //! recorder's thread-pointer read, the native histogram row lookup, the TSC
