@@ -55,7 +55,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use agent::config::DEFAULT_CACHE_SIZE;
-use agent::handler::Handler;
+use agent::peer::Handler;
 use agent::storage::{Instrumented, LocalStore, Storage};
 use agent::telemetry::defs::{
     self, LATENCY_BUCKETS, MESSAGE_PROCESSING_DURATION_SECONDS, STORAGE_OPERATION_DURATION_SECONDS,

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use agent::config::DEFAULT_CACHE_SIZE;
-use agent::handler::Handler;
+use agent::peer::Handler;
 use agent::storage::{Instrumented, LocalStore, Storage};
 use agent::telemetry::{
     self, clock, Exposition, MessageMetrics, ShardedRecorder, StorageOpMetrics,
@@ -359,7 +359,7 @@ fn render(c: &mut Criterion) {
         let msg = MessageMetrics::new();
         msg.received.increment(1);
         msg.duration.record_since(msg.duration.start());
-        for reason in agent::protocol::FailReason::ALL {
+        for reason in agent::peer::protocol::FailReason::ALL {
             msg.failed(reason).increment(1);
         }
         // An agent runs one backend, so it exposes one backend's series.

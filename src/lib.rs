@@ -2,16 +2,24 @@
 //! data locally (redb) or in Redis, and exposes its health as metrics.
 //!
 //! Where to start:
-//! - [`app`]: startup and graceful shutdown, wiring everything below.
+//! - [`app`]: startup, reloading on SIGHUP and graceful shutdown, wiring
+//!   everything below.
 //! - [`config`]: defaults, YAML file and `AGENT_*` environment, validated.
-//! - [`server`], [`connection`], [`handler`], [`protocol`]: the peer protocol
-//!   from socket to reply; [`admission`]: the connection cap; [`budget`]:
-//!   memory for large messages, shared by all connections.
-//! - [`peers`]: peer accounting; [`outbound`]: dialling and pinging the
-//!   configured peers; `peer_text`: peer bytes in logs, escaped, truncated
-//!   and throttled.
+//! - [`peer`]: the peer side, from socket to reply: the listener, each
+//!   connection's handler, the protocol, outbound peers.
+//! - [`net`]: accepting connections, shared by the peer listener and the
+//!   metrics endpoint: the accept loop, the allow-list, the connection cap.
 //! - [`storage`]: the `Storage` trait, its backends and the metrics wrapper.
 //! - [`telemetry`]: every metric's definition, exporter setup, `/metrics`.
+//!
+//! Imports run one way, downwards: `app` wires the others; `peer` imports
+//! `net`, `storage` and `telemetry`; `telemetry` imports `net` (its
+//! endpoint accepts as the peer listener does) and `config`; `storage`
+//! imports `config`, and `telemetry` from its metrics wrapper only, never
+//! the network side. At the bottom, `config`, `net` and the metric
+//! catalog (`telemetry::defs`, with the label values in
+//! `telemetry::labels`) import nothing of the agent; the protocol imports
+//! only those labels, so that telemetry never imports the peer side.
 //!
 //! `unsafe` is denied in the crate and allowed on four functions only: the
 //! recorder's thread-pointer read, the native histogram row lookup, the TSC
@@ -19,22 +27,12 @@
 //! safe wrappers.
 #![deny(unsafe_code)]
 
-pub mod admission;
 pub mod app;
-pub mod budget;
 pub mod config;
-pub mod connection;
-pub mod handler;
-pub(crate) mod net;
-pub mod outbound;
-pub(crate) mod peer_text;
-pub mod peers;
-pub mod protocol;
-pub mod reload;
-pub mod server;
+pub mod net;
+pub mod peer;
 pub mod storage;
 pub mod telemetry;
-pub(crate) mod throttle;
 
 #[cfg(test)]
 pub(crate) mod test_support;

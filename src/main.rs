@@ -174,7 +174,7 @@ fn run(
         }
     };
     let (hup, requests) = tokio::sync::mpsc::channel(1);
-    let reload = agent::reload::Reload {
+    let reload = agent::app::Reload {
         config_file,
         requests,
         set_log_level,
@@ -217,7 +217,7 @@ fn return_large_allocations_to_the_os() {
 
 /// Installs the log subscriber; returns how to change `log.level` later
 /// (a configuration reload).
-fn init_logging(config: &Config) -> agent::reload::SetLogLevel {
+fn init_logging(config: &Config) -> agent::app::SetLogLevel {
     use tracing_subscriber::EnvFilter;
     // RUST_LOG, when set, wins over log.level (validated at load).
     let from_env = std::env::var_os("RUST_LOG").is_some();
@@ -241,7 +241,7 @@ fn init_logging(config: &Config) -> agent::reload::SetLogLevel {
                 }
                 let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
                 handle.reload(filter).map_err(|e| e.to_string())
-            }) as agent::reload::SetLogLevel
+            }) as agent::app::SetLogLevel
         }};
     }
     match config.log.format {

@@ -482,7 +482,10 @@ fn a_remote_write_url_with_a_password_is_refused_without_showing_it() {
     let out = run_agent(
         dir.path(),
         &["check-config"],
-        &[("AGENT_METRICS__REMOTE_WRITE__URL", "https://pusher:hunter2@h/api/v1/write")],
+        &[(
+            "AGENT_METRICS__REMOTE_WRITE__URL",
+            "https://pusher:hunter2@h/api/v1/write",
+        )],
     );
     let line = assert_config_error(
         "credentials in remote_write.url",

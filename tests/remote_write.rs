@@ -44,7 +44,11 @@ fn wait_for_query(prom: &Prometheus, expr: &str, want: f64) -> serde_json::Value
         last = prom.query(expr);
         last.len() == 1 && sample_number(&last[0]["value"][1]) == want
     });
-    assert!(reached, "{expr} never reached {want}: {last:?}\n{}", prom.log());
+    assert!(
+        reached,
+        "{expr} never reached {want}: {last:?}\n{}",
+        prom.log()
+    );
     last.remove(0)
 }
 
@@ -63,7 +67,10 @@ fn a_push_only_agent_opens_no_port_and_prometheus_sees_exact_counts_with_its_lab
         &[
             ("AGENT_METRICS__LISTEN", "false"),
             ("AGENT_NODE__ID", "edge-7"),
-            ("AGENT_METRICS__REMOTE_WRITE__EXTERNAL_LABELS__SITE", "lisbon"),
+            (
+                "AGENT_METRICS__REMOTE_WRITE__EXTERNAL_LABELS__SITE",
+                "lisbon",
+            ),
         ],
     );
     agent.wait_for_log("metrics.listen is false");
@@ -88,13 +95,19 @@ fn a_push_only_agent_opens_no_port_and_prometheus_sees_exact_counts_with_its_lab
         43.0,
     );
     let inf = r#"{instance="edge-7",job="agent",site="lisbon",le="+Inf"}"#;
-    wait_for_query(&prom, &format!("message_processing_duration_seconds_bucket{inf}"), 43.0);
+    wait_for_query(
+        &prom,
+        &format!("message_processing_duration_seconds_bucket{inf}"),
+        43.0,
+    );
     // 19 bounds plus +Inf, named and labelled as a scrape would store them.
-    let buckets = prom.query(&format!("message_processing_duration_seconds_bucket{labels}"));
+    let buckets = prom.query(&format!(
+        "message_processing_duration_seconds_bucket{labels}"
+    ));
     assert_eq!(buckets.len(), 20, "{buckets:?}");
     wait_for_query(
         &prom,
-        &format!(r#"storage_operations_total{{operation="put",backend="local",job="agent"}}"#),
+        r#"storage_operations_total{operation="put",backend="local",job="agent"}"#,
         20.0,
     );
     // Its own series arrive with the rest.
@@ -125,7 +138,11 @@ fn samples_taken_while_prometheus_is_down_arrive_with_their_own_timestamps() {
     };
     let selector = r#"messages_received_total{instance="outage",job="agent"}"#;
     // Up and receiving before the outage.
-    assert!(wait_until(|| !prom.query(selector).is_empty()), "{}", prom.log());
+    assert!(
+        wait_until(|| !prom.query(selector).is_empty()),
+        "{}",
+        prom.log()
+    );
 
     let down_at = now_secs();
     prom.shut_down();
@@ -165,18 +182,39 @@ fn samples_taken_while_prometheus_is_down_arrive_with_their_own_timestamps() {
         inside.len()
     );
     assert!(
-        points.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        points
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
         "timestamps and counts must rise: {points:?}"
     );
     let mid = inside[inside.len() / 2].1;
-    assert!(mid > 0.0 && mid < total, "mid-outage count {mid} of {total}");
+    assert!(
+        mid > 0.0 && mid < total,
+        "mid-outage count {mid} of {total}"
+    );
     let refused: f64 = ["connection_error", "server_error", "timeout"]
         .iter()
-        .map(|r| counter(&agent, "agent_remote_write_requests_total", &[("result", r)]))
+        .map(|r| {
+            counter(
+                &agent,
+                "agent_remote_write_requests_total",
+                &[("result", r)],
+            )
+        })
         .sum();
-    assert!(refused >= 1.0, "the outage was not noticed:\n{}", agent.scrape());
-    assert_eq!(counter(&agent, "agent_remote_write_samples_dropped_total", &[]), 0.0);
-    assert_eq!(counter(&agent, "agent_remote_write_samples_failed_total", &[]), 0.0);
+    assert!(
+        refused >= 1.0,
+        "the outage was not noticed:\n{}",
+        agent.scrape()
+    );
+    assert_eq!(
+        counter(&agent, "agent_remote_write_samples_dropped_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        counter(&agent, "agent_remote_write_samples_failed_total", &[]),
+        0.0
+    );
 }
 
 #[test]
@@ -211,8 +249,12 @@ fn native_histograms_arrive_as_native_histograms() {
     );
     let p99 = sample_number(&p99[0]["value"][1]);
     assert!(p99.is_finite() && p99 > 0.0, "p99 {p99}");
-    assert!(prom.query("message_processing_duration_seconds_bucket").is_empty());
-    assert!(prom.query("message_processing_duration_seconds_count").is_empty());
+    assert!(prom
+        .query("message_processing_duration_seconds_bucket")
+        .is_empty());
+    assert!(prom
+        .query("message_processing_duration_seconds_count")
+        .is_empty());
 }
 
 /// Timestamps of every sample in a request.
@@ -239,9 +281,18 @@ fn a_faulty_receiver_gets_retries_as_prometheus_would_and_the_counters_are_exact
         &[("AGENT_METRICS__REMOTE_WRITE__TIMEOUT", "1s")],
     );
     assert!(
-        wait_until(|| receiver.received().iter().filter(|r| r.answer == "200").count() >= 2),
+        wait_until(|| receiver
+            .received()
+            .iter()
+            .filter(|r| r.answer == "200")
+            .count()
+            >= 2),
         "{:?}\n{}",
-        receiver.received().iter().map(|r| &r.answer).collect::<Vec<_>>(),
+        receiver
+            .received()
+            .iter()
+            .map(|r| &r.answer)
+            .collect::<Vec<_>>(),
         agent.log()
     );
     let got = receiver.received();
@@ -253,11 +304,17 @@ fn a_faulty_receiver_gets_retries_as_prometheus_would_and_the_counters_are_exact
     assert_eq!(first(&got[0]), first(&got[1]));
     assert_eq!(first(&got[1]), first(&got[2]));
     let waited = got[2].at - got[1].at;
-    assert!(waited >= Duration::from_secs(2), "Retry-After: 2 honoured? {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "Retry-After: 2 honoured? {waited:?}"
+    );
     // The 400 is given up: none of its samples is ever sent again.
     let refused = timestamps(&got[2]);
     for later in &got[3..] {
-        assert!(timestamps(later).is_disjoint(&refused), "a refused sample came back");
+        assert!(
+            timestamps(later).is_disjoint(&refused),
+            "a refused sample came back"
+        );
     }
     // Past the timeout, and after a reset, the same batch is tried again.
     assert_eq!(first(&got[3]), first(&got[4]));
@@ -267,12 +324,22 @@ fn a_faulty_receiver_gets_retries_as_prometheus_would_and_the_counters_are_exact
         assert_eq!(r.headers["content-encoding"], "snappy");
         assert_eq!(r.headers["content-type"], "application/x-protobuf");
         assert_eq!(r.headers["x-prometheus-remote-write-version"], "0.1.0");
-        assert!(r.headers["user-agent"].starts_with("agent/"), "{:?}", r.headers);
+        assert!(
+            r.headers["user-agent"].starts_with("agent/"),
+            "{:?}",
+            r.headers
+        );
         for series in &r.request.timeseries {
             let names: Vec<&str> = series.labels.iter().map(|l| l.name.as_str()).collect();
-            assert!(names.windows(2).all(|w| w[0] < w[1]), "labels unsorted: {names:?}");
             assert!(
-                series.samples.windows(2).all(|w| w[0].timestamp < w[1].timestamp),
+                names.windows(2).all(|w| w[0] < w[1]),
+                "labels unsorted: {names:?}"
+            );
+            assert!(
+                series
+                    .samples
+                    .windows(2)
+                    .all(|w| w[0].timestamp < w[1].timestamp),
                 "samples unsorted in {names:?}"
             );
         }
@@ -333,7 +400,10 @@ fn beyond_max_pending_the_oldest_samples_are_dropped_and_counted() {
             > 2.0 * MAX as f64
     }));
     receiver.set_fallback(Answer::Status(200));
-    assert!(wait_until(|| receiver.received().iter().any(|r| r.answer == "200")));
+    assert!(wait_until(|| receiver
+        .received()
+        .iter()
+        .any(|r| r.answer == "200")));
     let got = receiver.received();
     let refused_newest = got
         .iter()
@@ -345,21 +415,30 @@ fn beyond_max_pending_the_oldest_samples_are_dropped_and_counted() {
     // Exactly `max_pending` samples waited, and they are the newest.
     assert_eq!(backlog.samples(), MAX);
     assert!(timestamps(backlog).last().copied().unwrap() >= refused_newest);
-    assert!(pending_seen.iter().all(|&p| p <= MAX as f64), "{pending_seen:?}");
+    assert!(
+        pending_seen.iter().all(|&p| p <= MAX as f64),
+        "{pending_seen:?}"
+    );
 
     let mut last = String::new();
     let exact = wait_until(|| {
         let got = receiver.received();
         let page = agent.scrape();
         let v = |name: &str| sample(&page, name, &[]).unwrap_or(-1.0);
-        let accepted: usize = got.iter().filter(|r| r.answer == "200").map(Received::samples).sum();
+        let accepted: usize = got
+            .iter()
+            .filter(|r| r.answer == "200")
+            .map(Received::samples)
+            .sum();
         let (taken, sent, dropped, pending) = (
             v("agent_remote_write_samples_total"),
             v("agent_remote_write_samples_sent_total"),
             v("agent_remote_write_samples_dropped_total"),
             v("agent_remote_write_samples_pending"),
         );
-        last = format!("taken {taken}, sent {sent}, accepted {accepted}, dropped {dropped}, pending {pending}");
+        last = format!(
+            "taken {taken}, sent {sent}, accepted {accepted}, dropped {dropped}, pending {pending}"
+        );
         sent == accepted as f64
             && taken == sent + dropped + pending
             && v("agent_remote_write_samples_failed_total") == 0.0
@@ -401,13 +480,22 @@ fn https_with_basic_auth_or_a_bearer_token() {
         (
             basic.as_str(),
             vec![
-                ("AGENT_METRICS__REMOTE_WRITE__BASIC_AUTH__USERNAME", "pusher"),
-                ("AGENT_METRICS__REMOTE_WRITE__BASIC_AUTH__PASSWORD_FILE", &password_file),
+                (
+                    "AGENT_METRICS__REMOTE_WRITE__BASIC_AUTH__USERNAME",
+                    "pusher",
+                ),
+                (
+                    "AGENT_METRICS__REMOTE_WRITE__BASIC_AUTH__PASSWORD_FILE",
+                    &password_file,
+                ),
             ],
         ),
         (
             bearer.as_str(),
-            vec![("AGENT_METRICS__REMOTE_WRITE__BEARER_TOKEN_FILE", &token_file)],
+            vec![(
+                "AGENT_METRICS__REMOTE_WRITE__BEARER_TOKEN_FILE",
+                &token_file,
+            )],
         ),
     ];
     for (authorization, env) in cases {
@@ -417,12 +505,17 @@ fn https_with_basic_auth_or_a_bearer_token() {
         let agent = pushing_agent(&receiver.url(), "1s", &env);
         agent.connect().known_traffic(4, 0, 0, 0);
         assert!(
-            wait_until(|| receiver
+            wait_until(|| {
+                receiver.received().iter().any(|r| {
+                    r.answer == "200" && r.last_value("messages_received_total") == Some(4.0)
+                })
+            }),
+            "{:?}\n{}",
+            receiver
                 .received()
                 .iter()
-                .any(|r| r.answer == "200" && r.last_value("messages_received_total") == Some(4.0))),
-            "{:?}\n{}",
-            receiver.received().iter().map(|r| &r.answer).collect::<Vec<_>>(),
+                .map(|r| &r.answer)
+                .collect::<Vec<_>>(),
             agent.log()
         );
         assert!(receiver.received().iter().all(|r| r.answer == "200"));
@@ -433,7 +526,10 @@ fn https_with_basic_auth_or_a_bearer_token() {
         let (code, stdout, stderr) = run_agent(dir.path(), &["check-config"], &env);
         assert_eq!(code, 0, "{stderr}");
         assert!(stdout.contains("remote_write"), "{stdout}");
-        assert!(!stdout.contains(password) && !stdout.contains(token), "{stdout}");
+        assert!(
+            !stdout.contains(password) && !stdout.contains(token),
+            "{stdout}"
+        );
     }
 }
 
@@ -448,5 +544,10 @@ fn shutdown_pushes_the_last_counts() {
     let got = receiver.received();
     let last = got.last().unwrap();
     assert_eq!(last.answer, "200");
-    assert_eq!(last.last_value("messages_received_total"), Some(12.0), "{}", agent.log());
+    assert_eq!(
+        last.last_value("messages_received_total"),
+        Some(12.0),
+        "{}",
+        agent.log()
+    );
 }

@@ -15,8 +15,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
+use super::secrets::read_password_file;
 use super::tls::{load_pair, load_roots, provider};
-use super::{invalid, read_password_file, ConfigError, ExporterKind};
+use super::{invalid, redact_url, ConfigError, ExporterKind};
 
 /// The `job` label a pushed series gets unless `external_labels` names
 /// one: the job name docs/monitoring.md gives the scrape, so the same
@@ -186,12 +187,19 @@ impl RemoteWriteConfig {
                 "needs metrics.exporter: prometheus (remote write reads the agent's own recorder)",
             ));
         }
-        let url = url::Url::parse(&self.url)
-            .map_err(|e| invalid(URL, format!("{:?} is not a URL: {e}", super::redact_url(&self.url))))?;
+        let url = url::Url::parse(&self.url).map_err(|e| {
+            invalid(
+                URL,
+                format!("{:?} is not a URL: {e}", redact_url(&self.url)),
+            )
+        })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(invalid(
                 URL,
-                format!("{:?} must be an http:// or https:// URL with a host", super::redact_url(&self.url)),
+                format!(
+                    "{:?} must be an http:// or https:// URL with a host",
+                    redact_url(&self.url)
+                ),
             ));
         }
         if !url.username().is_empty() || url.password().is_some() {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::{Health, HealthObserver, Storage, StorageError};
 use crate::config::BackendKind;
+use crate::telemetry::Throttle;
 use crate::telemetry::{StorageHealthMetrics, StorageOpMetrics};
-use crate::throttle::Throttle;
 
 /// At most one storage-failure warning per this period; the next one says
 /// how many similar failures were not logged.

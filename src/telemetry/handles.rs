@@ -1,8 +1,9 @@
 //! The cached metric handles each component records through, created once
 //! so that recording is an atomic operation rather than a registry lookup.
 //! Names and labels come from the catalog ([`super::defs`]); the label
-//! values that belong to a component (a failure reason, a deny reason) are
-//! its own.
+//! values that name a reason (a failure reason, a deny reason) from
+//! [`super::labels`], below both these handles and the code that picks
+//! the reason.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -11,8 +12,8 @@ use metrics::{Counter, Gauge};
 
 use super::clock::DurationHistogram;
 use super::defs::*;
-use crate::protocol::FailReason;
-use crate::throttle::Throttle;
+use super::labels::{DenyReason, FailReason};
+use super::throttle::Throttle;
 
 /// The one label of a single-label metric, as the catalog names it.
 fn label(name: &str) -> &'static str {
@@ -79,46 +80,6 @@ impl StorageOpMetrics {
                 STORAGE_OPERATION_DURATION_SECONDS,
                 &labels
             )),
-        }
-    }
-}
-
-/// Why an inbound peer connection was closed before a request was read:
-/// the `reason` label of `agent_peer_connections_denied_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DenyReason {
-    /// The address is outside `network.allowed_networks`.
-    NotAllowed,
-    /// TLS is on and the client presented no certificate.
-    TlsNoCertificate,
-    /// The client's certificate does not chain to `network.tls.ca_file`
-    /// (another CA, expired, or not valid for client authentication).
-    TlsBadCertificate,
-    /// The handshake did not finish within `network.tls.handshake_timeout`.
-    TlsTimeout,
-    /// Any other handshake failure: not TLS at all, no common protocol
-    /// version or cipher, or the client gave up.
-    TlsError,
-}
-
-impl DenyReason {
-    /// Every reason, in label order.
-    pub const ALL: [DenyReason; 5] = [
-        DenyReason::NotAllowed,
-        DenyReason::TlsNoCertificate,
-        DenyReason::TlsBadCertificate,
-        DenyReason::TlsTimeout,
-        DenyReason::TlsError,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DenyReason::NotAllowed => "not_allowed",
-            DenyReason::TlsNoCertificate => "tls_no_certificate",
-            DenyReason::TlsBadCertificate => "tls_bad_certificate",
-            DenyReason::TlsTimeout => "tls_timeout",
-            DenyReason::TlsError => "tls_error",
         }
     }
 }

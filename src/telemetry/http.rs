@@ -39,9 +39,8 @@ use super::auth::BasicAuth;
 use super::handles::sockets_full_alarm;
 use super::protobuf::PROTOBUF_CONTENT_TYPE;
 use super::{Exposition, HttpMetrics};
-use crate::admission::{Admission, Admitted, Ticket, WhenAllServed};
 use crate::config::{HEALTH_PATH, READY_PATH};
-use crate::net::{accept, allowed, SocketBudget};
+use crate::net::{accept, allowed, Admission, Admitted, SocketBudget, Ticket, WhenAllServed};
 
 /// 200 when storage is usable, 503 with the reason when it is not.
 /// An allow-list the configuration reload can replace while serving.

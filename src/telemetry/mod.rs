@@ -1,6 +1,12 @@
 //! Metrics: definitions, the sharded recorder and its clock, native
 //! histogram buckets, exporter installation, the HTTP endpoint (text and
-//! protobuf) and process metrics.
+//! protobuf), remote write and process metrics; and the [`Throttle`] that keeps a warning
+//! repeated without end to one log line a period, as the storage wrapper,
+//! the peer side and the endpoint's socket alarm all need it beside their
+//! counters.
+//!
+//! The endpoint accepts connections as the peer listener does, through
+//! [`crate::net`]; nothing here imports the peer side or a storage backend.
 //!
 //! Call sites only use the `metrics` facade (through the handle structs in
 //! [`handles`]); which recorder receives the values is decided here, once, at
@@ -12,11 +18,13 @@ pub mod clock;
 pub mod defs;
 pub mod handles;
 pub mod http;
+pub mod labels;
 pub mod native;
 pub mod process;
 pub mod protobuf;
 pub mod recorder;
 pub mod remote_write;
+mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,11 +37,13 @@ use crate::config::{ExporterKind, MetricsConfig, Resolved};
 pub use clock::{DurationHistogram, Start};
 pub use defs::METRICS;
 pub use handles::{
-    sockets_full_alarm, DenyReason, HttpMetrics, MessageMetrics, PeerMetrics, StorageHealthMetrics,
+    sockets_full_alarm, HttpMetrics, MessageMetrics, PeerMetrics, StorageHealthMetrics,
     StorageOpMetrics,
 };
+pub use labels::{DenyReason, FailReason};
 pub use process::ProcessCollector;
 pub use recorder::ShardedRecorder;
+pub(crate) use throttle::Throttle;
 
 /// Why the metrics exporter could not start; the agent does not start
 /// either (exit 1, this one line).

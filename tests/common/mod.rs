@@ -19,8 +19,8 @@ mod peer;
 pub mod pki;
 mod proc;
 mod prometheus;
-mod receiver;
 mod promql;
+mod receiver;
 mod redis;
 mod tmpfs;
 
@@ -29,8 +29,8 @@ pub use http::*;
 pub use peer::*;
 pub use proc::*;
 pub use prometheus::*;
-pub use receiver::*;
 pub use promql::*;
+pub use receiver::*;
 pub use redis::*;
 pub use tmpfs::*;
 

@@ -61,7 +61,11 @@ impl Received {
         self.request
             .timeseries
             .iter()
-            .find(|s| s.labels.iter().any(|l| l.name == "__name__" && l.value == name))
+            .find(|s| {
+                s.labels
+                    .iter()
+                    .any(|l| l.name == "__name__" && l.value == name)
+            })
             .and_then(|s| s.samples.last())
             .map(|s| s.value)
     }
@@ -219,7 +223,7 @@ fn requests<S: Read + Write>(stream: S, fd: i32, inner: &Inner) {
             answer: name,
         });
         let response = match answer {
-            Answer::Status(code) if code == 400 => {
+            Answer::Status(400) => {
                 let body = "bad request: out of order sample\n";
                 format!("HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n{body}", body.len())
             }
@@ -253,7 +257,11 @@ fn requests<S: Read + Write>(stream: S, fd: i32, inner: &Inner) {
             }
         };
         let out = stream.get_mut();
-        if out.write_all(response.as_bytes()).and_then(|()| out.flush()).is_err() {
+        if out
+            .write_all(response.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
             return;
         }
     }

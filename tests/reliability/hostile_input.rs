@@ -220,10 +220,10 @@ fn hostile_peer_input_is_answered_counted_and_bounded() {
     for segment in junk[..junk.len() - 1].split(|&b| b == b'\n') {
         let line = segment.strip_suffix(b"\r").unwrap_or(segment);
         assert!(line.len() < MAX_LINE);
-        if agent::protocol::is_blank(line) {
+        if agent::peer::protocol::is_blank(line) {
             continue; // blank lines are skipped without a reply
         }
-        let failure = agent::protocol::decode(line)
+        let failure = agent::peer::protocol::decode(line)
             .1
             .expect_err("garbage decoded as a request");
         let reason = failure.reason.as_str();

@@ -96,7 +96,10 @@ impl Client {
         };
         // IPv6 literals come bracketed from the URL; connecting and SNI
         // want them bare.
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         Self {
             url,
             host,
@@ -284,7 +287,10 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
         let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
@@ -295,9 +301,27 @@ mod tests {
         let c = |code: u16| classify(StatusCode::from_u16(code).unwrap(), None, String::new());
         assert!(matches!(c(200), Outcome::Sent));
         assert!(matches!(c(204), Outcome::Sent));
-        assert!(matches!(c(500), Outcome::Retry { why: Retry::ServerError, .. }));
-        assert!(matches!(c(503), Outcome::Retry { why: Retry::ServerError, .. }));
-        assert!(matches!(c(429), Outcome::Retry { why: Retry::Throttled, .. }));
+        assert!(matches!(
+            c(500),
+            Outcome::Retry {
+                why: Retry::ServerError,
+                ..
+            }
+        ));
+        assert!(matches!(
+            c(503),
+            Outcome::Retry {
+                why: Retry::ServerError,
+                ..
+            }
+        ));
+        assert!(matches!(
+            c(429),
+            Outcome::Retry {
+                why: Retry::Throttled,
+                ..
+            }
+        ));
         assert!(matches!(c(400), Outcome::Rejected { .. }));
         assert!(matches!(c(404), Outcome::Rejected { .. }));
         assert!(matches!(c(301), Outcome::Rejected { .. }));

@@ -34,9 +34,9 @@ use self::client::{Client, Outcome, Retry};
 use self::queue::{Labels, Point, Queue, Snapshot, Value};
 use super::defs::*;
 use super::protobuf::{MetricFamily, MetricType};
+use super::throttle::Throttle;
 use super::Exposition;
 use crate::config::RemoteWrite;
-use crate::throttle::Throttle;
 
 /// The first retry's delay; it doubles per failure up to [`MAX_BACKOFF`].
 /// Prometheus's queue manager uses 30 ms; 100 ms spares a receiver that
@@ -227,7 +227,10 @@ async fn send(mut client: Client, shared: Arc<Shared>, stop: CancellationToken) 
                 m.last_success.set(unix_seconds());
                 backoff = MIN_BACKOFF;
                 if std::mem::take(&mut failing) {
-                    tracing::info!(url = client.url(), "remote write: the receiver takes samples again");
+                    tracing::info!(
+                        url = client.url(),
+                        "remote write: the receiver takes samples again"
+                    );
                 }
             }
             Outcome::Rejected { detail } => {
@@ -479,9 +482,9 @@ impl RemoteWriteMetrics {
             pending: metrics::gauge!(AGENT_REMOTE_WRITE_SAMPLES_PENDING),
             last_success: metrics::gauge!(AGENT_REMOTE_WRITE_LAST_SUCCESS_TIMESTAMP_SECONDS),
             request_bytes: metrics::counter!(AGENT_REMOTE_WRITE_REQUEST_BYTES_TOTAL),
-            requests: Result::ALL.map(|r| {
-                metrics::counter!(AGENT_REMOTE_WRITE_REQUESTS_TOTAL, "result" => r.as_str())
-            }),
+            requests: Result::ALL.map(
+                |r| metrics::counter!(AGENT_REMOTE_WRITE_REQUESTS_TOTAL, "result" => r.as_str()),
+            ),
         }
     }
 
@@ -510,11 +513,22 @@ mod tests {
 
     #[test]
     fn families_become_series_named_as_the_scrape_names_them() {
-        let key = metrics::Key::from_parts("storage_operations_total", vec![metrics::Label::new("backend", "local")]);
+        let key = metrics::Key::from_parts(
+            "storage_operations_total",
+            vec![metrics::Label::new("backend", "local")],
+        );
         let mut counters = protobuf::family("storage_operations_total", None, MetricType::Counter);
-        counters.metric.push(protobuf::counter(protobuf::labels(&key), 7));
+        counters
+            .metric
+            .push(protobuf::counter(protobuf::labels(&key), 7));
         let mut hist = protobuf::family("lat_seconds", None, MetricType::Histogram);
-        hist.metric.push(protobuf::histogram(Vec::new(), &[0.005, 1.0], &[2, 3], 1.5, None));
+        hist.metric.push(protobuf::histogram(
+            Vec::new(),
+            &[0.005, 1.0],
+            &[2, 3],
+            1.5,
+            None,
+        ));
         let external = vec![
             ("backend".to_string(), "ignored".to_string()),
             ("job".to_string(), "agent".to_string()),

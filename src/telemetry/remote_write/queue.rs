@@ -222,7 +222,10 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(ts, vec![("b".into(), vec![1, 2, 3]), ("a".into(), vec![2, 3])]);
+        assert_eq!(
+            ts,
+            vec![("b".into(), vec![1, 2, 3]), ("a".into(), vec![2, 3])]
+        );
     }
 
     #[test]
@@ -250,7 +253,10 @@ mod tests {
         // Released: the oldest may go again.
         assert_eq!(q.push(snapshot(5, &[&a])), 0);
         assert_eq!(q.push(snapshot(6, &[&a])), 1);
-        assert_eq!(q.take(100).unwrap().request.timeseries[0].samples[0].timestamp, 4);
+        assert_eq!(
+            q.take(100).unwrap().request.timeseries[0].samples[0].timestamp,
+            4
+        );
     }
 
     #[test]

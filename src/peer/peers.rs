@@ -5,7 +5,7 @@
 //! [`PeerGuard`] for exactly as long as it is open, so
 //! `agent_peers_connected` returns to its previous value however the
 //! connection ends: close, reset, error, or shutdown. Outbound peers are
-//! dialled and kept alive in [`crate::outbound`].
+//! dialled and kept alive by [`maintain`](super::maintain).
 
 use crate::telemetry::{DenyReason, PeerMetrics};
 

@@ -9,6 +9,10 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+/// The reason a failure is counted under: defined with the other label
+/// values, below both the protocol and telemetry (see its module).
+pub use crate::telemetry::labels::FailReason;
+
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Longest `id` accepted, in bytes of JSON text as sent. The id is echoed in
@@ -48,44 +52,6 @@ pub enum Request {
         /// 1 to [`MAX_KEY_BYTES`] bytes of UTF-8.
         key: String,
     },
-}
-
-/// Why a message was answered with an error: the `reason` label of
-/// `messages_failed_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FailReason {
-    /// Not UTF-8, or not JSON.
-    Parse,
-    /// JSON, but not a request: not an object, a missing or ill-typed field, a bad key.
-    Invalid,
-    /// An `op` other than ping, get, put and delete.
-    UnknownOp,
-    /// Longer than `network.max_message_bytes`.
-    TooLarge,
-    /// Well-formed, but the storage backend failed.
-    Storage,
-}
-
-impl FailReason {
-    /// Every reason, in label order (and `as usize` order), to create one counter each.
-    pub const ALL: [FailReason; 5] = [
-        FailReason::Parse,
-        FailReason::Invalid,
-        FailReason::UnknownOp,
-        FailReason::TooLarge,
-        FailReason::Storage,
-    ];
-
-    /// The `reason` label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailReason::Parse => "parse",
-            FailReason::Invalid => "invalid",
-            FailReason::UnknownOp => "unknown_op",
-            FailReason::TooLarge => "too_large",
-            FailReason::Storage => "storage",
-        }
-    }
 }
 
 /// A failed message: the reason (for metrics) and the text for the peer.

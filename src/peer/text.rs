@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-pub(crate) use crate::throttle::Throttle;
+pub(crate) use crate::telemetry::Throttle;
 
 /// Most bytes of peer input shown in a log line.
 pub(crate) const PREVIEW_BYTES: usize = 200;

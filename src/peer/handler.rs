@@ -7,12 +7,16 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::protocol::{self, EchoId, FailReason, Failure, Outcome, Request};
+use super::text::preview;
 use crate::config::BackendKind;
-use crate::peer_text::preview;
-use crate::protocol::{self, EchoId, FailReason, Failure, Outcome, Request};
 use crate::storage::Storage;
+use crate::telemetry::Throttle;
 use crate::telemetry::{MessageMetrics, Start};
-use crate::throttle::Throttle;
+
+/// The target of these log lines: the module's path before the move into
+/// a folder, kept so that operators' `log.level` filters still match.
+const LOG_TARGET: &str = "agent::handler";
 
 /// At most one summary of failed messages per this period.
 const FAILURE_SUMMARY_PERIOD: Duration = Duration::from_secs(10);
@@ -79,7 +83,7 @@ impl FailureSummary {
         state.1[failure.reason as usize] += 1;
         if state.0.allow().is_some() {
             let n = std::mem::take(&mut state.1);
-            tracing::warn!(
+            tracing::warn!(target: LOG_TARGET,
                 parse = n[FailReason::Parse as usize],
                 invalid = n[FailReason::Invalid as usize],
                 unknown_op = n[FailReason::UnknownOp as usize],

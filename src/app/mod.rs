@@ -1,6 +1,10 @@
 //! Startup and shutdown: wires configuration, metrics, storage, the peer
 //! listener and outbound peers together, and tears them down in order.
 
+mod reload;
+
+pub use reload::{changed_keys, Reload, SetLogLevel, LIVE_KEYS};
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -11,13 +15,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::budget::Budget;
 use crate::config::{Config, Resolved};
-use crate::handler::Handler;
-use crate::outbound::{self, DialPolicy};
-use crate::peers::Peers;
-use crate::reload::{changed_keys, Reload, LIVE_KEYS};
-use crate::server::{PeerTlsAcceptor, Server};
+use crate::peer::{self, Budget, DialPolicy, Handler, PeerTlsAcceptor, Peers, Server};
 use crate::storage::{AnyBackend, Instrumented, Storage, StorageError};
 use crate::telemetry::{self, TelemetryError};
 
@@ -203,7 +202,7 @@ impl Live {
                 continue;
             }
             let token = self.cancel.child_token();
-            self.tracker.spawn(outbound::maintain(
+            self.tracker.spawn(peer::maintain(
                 addr.clone(),
                 self.policy.clone(),
                 self.peers.clone(),
@@ -214,7 +213,7 @@ impl Live {
         self.peers.configured(self.dialers.len());
     }
 
-    /// Reloads the configuration (SIGHUP); see [`crate::reload`].
+    /// Reloads the configuration (SIGHUP); see [`reload`].
     fn reload(&mut self, reload: &Reload) {
         tracing::info!("received SIGHUP: reloading the configuration");
         let new = match reload.load() {

@@ -20,18 +20,18 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::budget::{Budget, Reservation};
+use super::budget::{Budget, Reservation};
 
 /// Each connection's fixed allowance, per buffer: the read buffer, the
 /// write buffer, and what a line or a reply may take before it needs the
 /// shared [`Budget`].
-pub const FIXED_BUFFER: usize = 64 * 1024;
+pub(crate) const FIXED_BUFFER: usize = 64 * 1024;
 const READ_BUFFER: usize = FIXED_BUFFER;
 const WRITE_BUFFER: usize = FIXED_BUFFER;
 
 /// What [`Connection::read_line`] found.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Frame {
+pub(crate) enum Frame {
     /// A complete line, without its `\n` (and `\r`), in [`Connection::line`].
     Line,
     /// The peer closed the connection (any partial line is dropped).
@@ -41,7 +41,7 @@ pub enum Frame {
 }
 
 /// A byte stream a peer connection runs over.
-pub trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send {
+pub(crate) trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send {
     /// Bytes written that the peer has not acknowledged yet (0 when the
     /// transport cannot tell). A TLS stream answers for its TCP socket.
     fn unacknowledged(&self) -> usize {
@@ -104,7 +104,7 @@ impl PeerStream for tokio_rustls::client::TlsStream<TcpStream> {
 
 /// Sets TCP_NODELAY on a socket that will carry TLS: replies are flushed
 /// when due and must not wait for an acknowledgement.
-pub fn prepare(stream: &TcpStream) {
+pub(crate) fn prepare(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
 }
 
@@ -122,10 +122,10 @@ fn reset_while_waiting() -> std::io::Error {
 /// replies, it holds a connection slot and buffers for nothing.
 #[derive(Debug, thiserror::Error)]
 #[error("no complete request within network.idle_timeout")]
-pub struct IdleTimeout;
+pub(crate) struct IdleTimeout;
 
 /// Whether `e` is an [`IdleTimeout`] (and not an I/O error of the socket).
-pub fn is_idle_timeout(e: &std::io::Error) -> bool {
+pub(crate) fn is_idle_timeout(e: &std::io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<IdleTimeout>())
 }
 
@@ -199,7 +199,7 @@ impl IdleTimer {
 }
 
 /// One peer connection: requests in as lines, replies out, both buffered.
-pub struct Connection<S> {
+pub(crate) struct Connection<S> {
     /// Reads are buffered here; writes pass through to the write buffer
     /// (one object, as reads and writes never run concurrently).
     io: BufReader<BufWriter<S>>,
@@ -223,7 +223,7 @@ pub struct Connection<S> {
 impl Connection<TcpStream> {
     /// A TCP connection, with Nagle's algorithm off: replies are flushed
     /// when due and must not wait for an acknowledgement.
-    pub fn tcp(stream: TcpStream, max_line: usize) -> Self {
+    pub(crate) fn tcp(stream: TcpStream, max_line: usize) -> Self {
         let _ = stream.set_nodelay(true);
         Self::new(stream, max_line)
     }
@@ -231,7 +231,7 @@ impl Connection<TcpStream> {
 
 impl<S: PeerStream> Connection<S> {
     /// Wraps `stream`; a request line longer than `max_line` bytes fails as too large.
-    pub fn new(stream: S, max_line: usize) -> Self {
+    pub(crate) fn new(stream: S, max_line: usize) -> Self {
         Self {
             io: BufReader::with_capacity(
                 READ_BUFFER,
@@ -247,7 +247,7 @@ impl<S: PeerStream> Connection<S> {
     }
 
     /// Reserves a line's memory beyond [`FIXED_BUFFER`] from `budget`.
-    pub fn with_budget(mut self, budget: Arc<Budget>) -> Self {
+    pub(crate) fn with_budget(mut self, budget: Arc<Budget>) -> Self {
         self.budget = Some(budget);
         self
     }
@@ -255,32 +255,32 @@ impl<S: PeerStream> Connection<S> {
     /// Closes the connection (reads and writes fail with [`IdleTimeout`])
     /// when no request completes for `timeout` (up to a quarter more); the
     /// clock starts now.
-    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+    pub(crate) fn with_idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle = Some(IdleTimer::new(timeout));
         self
     }
 
     /// A request completed (or the agent itself made the peer wait): the
     /// idle clock starts over.
-    pub fn restart_idle_timer(&mut self) {
+    pub(crate) fn restart_idle_timer(&mut self) {
         if let Some(idle) = &mut self.idle {
             idle.requests = idle.requests.wrapping_add(1);
         }
     }
 
     /// The longest line accepted.
-    pub fn max_line(&self) -> usize {
+    pub(crate) fn max_line(&self) -> usize {
         self.max_line
     }
 
     /// The last line read.
-    pub fn line(&self) -> &[u8] {
+    pub(crate) fn line(&self) -> &[u8] {
         &self.line
     }
 
     /// Reads the next line. Cancel-safe: bytes already taken from the
     /// socket stay in `self.line`, and the next call carries on with them.
-    pub async fn read_line(&mut self) -> std::io::Result<Frame> {
+    pub(crate) async fn read_line(&mut self) -> std::io::Result<Frame> {
         if self.line_complete {
             self.line.clear();
             self.line_complete = false;
@@ -347,7 +347,7 @@ impl<S: PeerStream> Connection<S> {
     /// Waits for `bytes` from `budget`, unless the peer resets the
     /// connection first: a connection whose peer is gone must not wait its
     /// turn (and then work) for nothing.
-    pub async fn reserve_unless_failed(
+    pub(crate) async fn reserve_unless_failed(
         &self,
         budget: &Budget,
         bytes: usize,
@@ -379,7 +379,7 @@ impl<S: PeerStream> Connection<S> {
     /// once the line has been decoded (it is empty afterwards). Returns
     /// the reservation that covered it: the caller holds it as long as
     /// what it decoded from the line (a put's value) is alive.
-    pub fn release_line(&mut self) -> Option<Reservation> {
+    pub(crate) fn release_line(&mut self) -> Option<Reservation> {
         if self.line.capacity() > FIXED_BUFFER {
             self.line = Vec::new();
         }
@@ -387,19 +387,19 @@ impl<S: PeerStream> Connection<S> {
     }
 
     /// Sends every reply queued so far, bounded by the idle timeout.
-    pub async fn flush(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
         IdleTimer::bound(self.idle.as_mut(), self.io.flush()).await
     }
 
     /// Whether a complete request is already buffered (no socket read needed).
-    pub fn has_buffered_line(&self) -> bool {
+    pub(crate) fn has_buffered_line(&self) -> bool {
         memchr::memchr(b'\n', self.io.buffer()).is_some()
     }
 
     /// Queues bytes for the peer; they are sent when the buffer fills or by
     /// the next flush. Fails with [`IdleTimeout`] if the peer does not take
     /// them in time.
-    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    pub(crate) async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         IdleTimer::bound(self.idle.as_mut(), self.io.write_all(bytes)).await
     }
 
@@ -408,7 +408,7 @@ impl<S: PeerStream> Connection<S> {
     /// Closing a socket with unread input makes the kernel send a reset,
     /// which can destroy the reply the peer has not read yet; draining
     /// first lets a final error reply arrive.
-    pub async fn discard_input(&mut self, limit: std::time::Duration) {
+    pub(crate) async fn discard_input(&mut self, limit: std::time::Duration) {
         let _ = tokio::time::timeout(limit, async {
             loop {
                 match self.io.fill_buf().await {
@@ -424,7 +424,7 @@ impl<S: PeerStream> Connection<S> {
     }
 
     /// Flushes and half-closes the write side so the peer sees a clean EOF.
-    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn shutdown(&mut self) -> std::io::Result<()> {
         self.io.flush().await?;
         self.io.shutdown().await
     }
@@ -436,7 +436,7 @@ impl<S: PeerStream> Connection<S> {
     /// connection and drop what it has not yet delivered, which would cut
     /// replies short for a peer that reads slowly and keeps sending; once
     /// everything is acknowledged, closing loses nothing.
-    pub async fn wait_delivered(&self, deadline: tokio::time::Instant) {
+    pub(crate) async fn wait_delivered(&self, deadline: tokio::time::Instant) {
         while self.io.get_ref().get_ref().unacknowledged() > 0
             && tokio::time::Instant::now() < deadline
         {
@@ -446,13 +446,13 @@ impl<S: PeerStream> Connection<S> {
 
     /// Whether the peer has acknowledged everything written (also when the
     /// transport cannot tell).
-    pub fn delivered(&self) -> bool {
+    pub(crate) fn delivered(&self) -> bool {
         self.io.get_ref().get_ref().unacknowledged() == 0
     }
 
     /// Resets the connection when it is dropped, dropping what the peer
     /// has not taken ([`PeerStream::reset_on_close`]).
-    pub fn reset_on_close(&self) {
+    pub(crate) fn reset_on_close(&self) {
         self.io.get_ref().get_ref().reset_on_close();
     }
 }

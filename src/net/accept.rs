@@ -11,6 +11,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+/// The target of these log lines: the module's path before the move into
+/// a folder, kept so that operators' `log.level` filters still match.
+const LOG_TARGET: &str = "agent::net";
+
 /// Whether `ip` may connect. An IPv4 client on a dual-stack socket shows
 /// up as `::ffff:a.b.c.d` and is matched as IPv4.
 pub(crate) fn allowed(networks: &[IpNet], ip: IpAddr) -> bool {
@@ -90,7 +94,7 @@ pub(crate) async fn accept(
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => return Some((stream, remote, permit)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "{what}: accept failed");
+                    tracing::warn!(target: LOG_TARGET, error = %e, "{what}: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },

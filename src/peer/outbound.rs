@@ -1,7 +1,7 @@
 //! Outbound peers: dial each configured peer, ping it every
 //! `network.ping_interval`, and redial with capped backoff when it is lost.
 //! Each open connection is counted through a
-//! [`PeerGuard`](crate::peers::PeerGuard).
+//! [`PeerGuard`](super::PeerGuard).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +12,10 @@ use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{self, Connection, Frame, PeerStream};
-use crate::peer_text::{preview, Throttle};
-use crate::peers::Peers;
-use crate::protocol;
+use super::connection::{self, Connection, Frame, PeerStream};
+use super::peers::Peers;
+use super::protocol;
+use super::text::{preview, Throttle};
 
 /// How outbound peers are kept alive.
 #[derive(Debug, Clone)]
