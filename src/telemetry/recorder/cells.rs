@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use metrics::{CounterFn, HistogramFn};
 
-use crate::telemetry::native::NativeBuckets;
+use crate::telemetry::native::{owner_add, NativeBuckets};
 
 /// Shards per counter and histogram. A power of two, so the shard index is a
 /// mask; 16 covers the tokio workers, storage threads and helpers of a busy
@@ -108,13 +108,6 @@ fn this_thread() -> (usize, usize) {
 #[inline(always)]
 fn claim(owner: &AtomicUsize, me: usize) -> bool {
     owner.load(Relaxed) == 0 && owner.compare_exchange(0, me, Relaxed, Relaxed).is_ok()
-}
-
-/// Adds to a cell that only the calling thread writes: a load and a store,
-/// which readers see whole, instead of a locked read-modify-write.
-#[inline(always)]
-pub(crate) fn owner_add(cell: &AtomicU64, value: u64) {
-    cell.store(cell.load(Relaxed).wrapping_add(value), Relaxed);
 }
 
 /// One thread's cell of a counter, padded to 128 bytes so that no two

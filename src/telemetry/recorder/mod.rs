@@ -47,7 +47,6 @@ use metrics_exporter_prometheus::formatting::sanitize_metric_name;
 
 use super::defs::{LATENCY_BUCKETS, METRICS};
 use super::native::{NativeBuckets, NativeSettings, NativeSnapshot};
-pub(crate) use cells::owner_add;
 #[cfg(test)]
 pub(crate) use cells::MAX_BOUNDS;
 use cells::{NativeHistogram, ShardedCounter, ShardedHistogram, SHARDS};
