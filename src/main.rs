@@ -100,7 +100,7 @@ fn print_bytes(bytes: &[u8]) -> ExitCode {
 }
 
 /// bcrypt cost of `hash-password`: what the exporter-toolkit documentation
-/// uses, about 60 ms per check here. The agent remembers a verified
+/// uses (docs/performance-history.md, "bcrypt checks"). The agent remembers a verified
 /// credential, so the cost is paid once per scraper, not per scrape.
 const BCRYPT_COST: u32 = 10;
 /// The longest password bcrypt reads whole.

@@ -1,8 +1,9 @@
 //! Basic authentication for the metrics endpoint, against the bcrypt hashes
 //! of `basic_auth_users` in the web config file.
 //!
-//! bcrypt is slow on purpose (about 60 ms a check at cost 10 on the 2-core
-//! test VM), which shapes the design, as in the exporter-toolkit:
+//! bcrypt is slow on purpose (tens of milliseconds a check at cost 10:
+//! docs/performance-history.md, "bcrypt checks"), which shapes the design,
+//! as in the exporter-toolkit:
 //! - a credential that verified once is remembered, so Prometheus's
 //!   scrapes cost a comparison, not a bcrypt run;
 //! - bcrypt runs off the async runtime, one check at a time, so a client
@@ -29,7 +30,8 @@ pub struct BasicAuth {
     /// A hash at the configured users' cost that no password matches: the
     /// work done for an unknown user name. Made at startup: made on first
     /// need, the first unknown user's check took twice as long as later
-    /// ones (118 ms against 59 ms), which told that the name was unknown.
+    /// ones (docs/performance-history.md, "bcrypt checks"), which told
+    /// that the name was unknown.
     dummy: Arc<str>,
 }
 
