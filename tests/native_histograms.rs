@@ -31,22 +31,6 @@ fn scrape_config(agent: &Agent) -> String {
     )
 }
 
-/// Waits until the instant query returns exactly one series whose value
-/// (or, for a native histogram, count) is `want`; returns that series.
-fn wait_for(prom: &Prometheus, expr: &str, want: f64) -> serde_json::Value {
-    let mut last = Vec::new();
-    let reached = wait_until(|| {
-        last = prom.query(expr);
-        last.len() == 1 && sample_number(&last[0]["value"][1]) == want
-    });
-    assert!(
-        reached,
-        "{expr} never reached {want}: {last:?}\n{}",
-        prom.log()
-    );
-    last.remove(0)
-}
-
 #[test]
 fn prometheus_stores_native_histograms_and_a_classic_scraper_sees_no_change() {
     if require_bin("prometheus").is_none() {
@@ -64,8 +48,7 @@ fn prometheus_stores_native_histograms_and_a_classic_scraper_sees_no_change() {
     agent.connect().known_traffic(PUTS, GETS, DELETES, 0);
 
     // The flagged server holds a native histogram whose count is exact.
-    wait_for(
-        &native,
+    native.wait_for_one(
         "histogram_count(message_processing_duration_seconds)",
         MESSAGES as f64,
     );
@@ -89,8 +72,7 @@ fn prometheus_stores_native_histograms_and_a_classic_scraper_sees_no_change() {
         Vec::<serde_json::Value>::new()
     );
     for (operation, n) in [("put", PUTS), ("get", GETS), ("delete", DELETES)] {
-        let series = wait_for(
-            &native,
+        let series = native.wait_for_one(
             &format!(
                 "histogram_count(storage_operation_duration_seconds{{operation=\"{operation}\"}})"
             ),
@@ -99,16 +81,11 @@ fn prometheus_stores_native_histograms_and_a_classic_scraper_sees_no_change() {
         assert_eq!(series["metric"]["backend"], "local", "{series}");
     }
     // Counters come through the protobuf scrape unchanged.
-    wait_for(&native, "messages_received_total", MESSAGES as f64);
+    native.wait_for_one("messages_received_total", MESSAGES as f64);
 
     // The server without the flag scrapes text: classic series, exact.
-    wait_for(
-        &classic,
-        "message_processing_duration_seconds_count",
-        MESSAGES as f64,
-    );
-    wait_for(
-        &classic,
+    classic.wait_for_one("message_processing_duration_seconds_count", MESSAGES as f64);
+    classic.wait_for_one(
         "message_processing_duration_seconds_bucket{le=\"+Inf\"}",
         MESSAGES as f64,
     );

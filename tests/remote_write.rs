@@ -36,22 +36,6 @@ fn write_url(prom: &Prometheus) -> String {
     format!("http://{}/api/v1/write", prom.addr)
 }
 
-/// Waits until the instant query returns exactly one series with value
-/// `want` (a native histogram's count through `histogram_count`).
-fn wait_for_query(prom: &Prometheus, expr: &str, want: f64) -> serde_json::Value {
-    let mut last = Vec::new();
-    let reached = wait_until(|| {
-        last = prom.query(expr);
-        last.len() == 1 && sample_number(&last[0]["value"][1]) == want
-    });
-    assert!(
-        reached,
-        "{expr} never reached {want}: {last:?}\n{}",
-        prom.log()
-    );
-    last.remove(0)
-}
-
 fn counter(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
     sample(&agent.scrape(), name, labels).unwrap_or(0.0)
 }
@@ -80,7 +64,7 @@ fn a_push_only_agent_opens_no_port_and_prometheus_sees_exact_counts_with_its_lab
     );
     agent.connect().known_traffic(20, 15, 5, 3);
     let labels = r#"{instance="edge-7",job="agent",site="lisbon"}"#;
-    let series = wait_for_query(&prom, &format!("messages_received_total{labels}"), 43.0);
+    let series = prom.wait_for_one(&format!("messages_received_total{labels}"), 43.0);
     assert_eq!(
         series_labels(&series),
         [("instance", "edge-7"), ("job", "agent"), ("site", "lisbon")]
@@ -88,15 +72,13 @@ fn a_push_only_agent_opens_no_port_and_prometheus_sees_exact_counts_with_its_lab
             .into()
     );
     let unknown = r#"{instance="edge-7",job="agent",site="lisbon",reason="unknown_op"}"#;
-    wait_for_query(&prom, &format!("messages_failed_total{unknown}"), 3.0);
-    wait_for_query(
-        &prom,
+    prom.wait_for_one(&format!("messages_failed_total{unknown}"), 3.0);
+    prom.wait_for_one(
         &format!("message_processing_duration_seconds_count{labels}"),
         43.0,
     );
     let inf = r#"{instance="edge-7",job="agent",site="lisbon",le="+Inf"}"#;
-    wait_for_query(
-        &prom,
+    prom.wait_for_one(
         &format!("message_processing_duration_seconds_bucket{inf}"),
         43.0,
     );
@@ -105,8 +87,7 @@ fn a_push_only_agent_opens_no_port_and_prometheus_sees_exact_counts_with_its_lab
         "message_processing_duration_seconds_bucket{labels}"
     ));
     assert_eq!(buckets.len(), 20, "{buckets:?}");
-    wait_for_query(
-        &prom,
+    prom.wait_for_one(
         r#"storage_operations_total{operation="put",backend="local",job="agent"}"#,
         20.0,
     );
@@ -155,7 +136,7 @@ fn samples_taken_while_prometheus_is_down_arrive_with_their_own_timestamps() {
     load.join().unwrap();
     let total = sent.load(Ordering::SeqCst) as f64;
 
-    wait_for_query(&prom, selector, total);
+    prom.wait_for_one(selector, total);
     // Every sample of the series from just before the outage to now.
     let span = (now_secs() - down_at + 5.0).ceil() as u64;
     let answer = prom.api(&format!(
@@ -232,14 +213,12 @@ fn native_histograms_arrive_as_native_histograms() {
         ],
     );
     agent.connect().known_traffic(30, 20, 10, 0);
-    wait_for_query(
-        &prom,
+    prom.wait_for_one(
         r#"histogram_count(message_processing_duration_seconds{instance="native"})"#,
         60.0,
     );
     for (op, n) in [("put", 30.0), ("get", 20.0), ("delete", 10.0)] {
-        wait_for_query(
-            &prom,
+        prom.wait_for_one(
             &format!(r#"histogram_count(storage_operation_duration_seconds{{operation="{op}"}})"#),
             n,
         );
@@ -288,11 +267,7 @@ fn a_faulty_receiver_gets_retries_as_prometheus_would_and_the_counters_are_exact
             .count()
             >= 2),
         "{:?}\n{}",
-        receiver
-            .received()
-            .iter()
-            .map(|r| &r.answer)
-            .collect::<Vec<_>>(),
+        receiver.answers(),
         agent.log()
     );
     let got = receiver.received();

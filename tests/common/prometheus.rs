@@ -253,6 +253,23 @@ impl Prometheus {
         }
     }
 
+    /// Waits until the instant query returns exactly one series whose value
+    /// (or, for `histogram_count` and the like, result) is `want`; returns
+    /// that series, or panics with the last answer and the server's log.
+    pub fn wait_for_one(&self, expr: &str, want: f64) -> serde_json::Value {
+        let mut last = Vec::new();
+        let reached = wait_until(|| {
+            last = self.query(expr);
+            last.len() == 1 && sample_number(&last[0]["value"][1]) == want
+        });
+        assert!(
+            reached,
+            "{expr} never reached {want}: {last:?}\n{}",
+            self.log()
+        );
+        last.remove(0)
+    }
+
     /// An instant query's result list, panicking unless it succeeds.
     pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
         let data = self

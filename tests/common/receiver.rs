@@ -148,6 +148,11 @@ impl Receiver {
         *self.inner.fallback.lock().unwrap() = answer;
     }
 
+    /// The answer each request got so far, in arrival order.
+    pub fn answers(&self) -> Vec<String> {
+        self.received().into_iter().map(|r| r.answer).collect()
+    }
+
     /// Every request so far, in arrival order.
     pub fn received(&self) -> Vec<Received> {
         self.inner.received.lock().unwrap().clone()
