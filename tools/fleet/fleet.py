@@ -194,6 +194,16 @@ AGENT_QUERIES = {
 
 
 def snapshot(mode, prom_url, prom_pid, pids_file, loadgen_pid, out):
+    try:
+        take_snapshot(mode, prom_url, prom_pid, pids_file, loadgen_pid, out)
+    except OSError as e:  # URLError and timeouts included
+        sys.exit(f"Prometheus at {prom_url} did not answer ({e}). Every agent keeps one "
+                 "connection open to it: with more agents than --web.max-connections "
+                 "(default 512) none is left; pass --prometheus-flags "
+                 "--web.max-connections=N")
+
+
+def take_snapshot(mode, prom_url, prom_pid, pids_file, loadgen_pid, out):
     with open(pids_file) as f:
         agent_pids = [int(x) for x in f.read().split()]
     t = time.time()
