@@ -25,7 +25,10 @@ fn idle_connections_cannot_lock_out_peers_and_close_after_the_idle_timeout() {
     let agent = start(
         AgentOptions::default()
             .env("AGENT_NETWORK__MAX_CONNECTIONS", CAP)
-            .env("AGENT_NETWORK__IDLE_TIMEOUT", format!("{}s", IDLE_TIMEOUT.as_secs())),
+            .env(
+                "AGENT_NETWORK__IDLE_TIMEOUT",
+                format!("{}s", IDLE_TIMEOUT.as_secs()),
+            ),
     );
     let pid = agent.pid();
     // Another agent keeps a connection to this one with pings every 2 s,
