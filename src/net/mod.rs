@@ -10,6 +10,8 @@
 
 mod accept;
 mod admission;
+mod text;
 
 pub(crate) use accept::{accept, allowed, SocketBudget, SocketPermit};
 pub use admission::{Admission, Admitted, ServedMark, Ticket, WhenAllServed};
+pub(crate) use text::preview;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, EchoId, FailReason, Failure, Outcome, Request};
-use super::text::preview;
 use crate::config::BackendKind;
+use crate::net::preview;
 use crate::storage::Storage;
 use crate::telemetry::Throttle;
 use crate::telemetry::{MessageMetrics, Start};

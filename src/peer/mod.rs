@@ -3,7 +3,7 @@
 //! - [`Server`] (`server.rs`): the peer listener. Admits connections (the
 //!   allow-list and the connection cap from [`crate::net`], then the TLS
 //!   handshake) and hands each to its own task.
-//! - `session.rs`: one connection's handler, which owns what serving it
+//! - `conversation.rs`: one connection's handler, which owns what serving it
 //!   needs and loops: read a frame, decode it, apply it, write the reply.
 //! - `connection.rs`: line framing over one peer stream; `budget.rs`: the
 //!   memory for large messages, shared by all connections.
@@ -12,8 +12,8 @@
 //! - [`protocol`]: the wire format, decoded and encoded. Public: it is the
 //!   contract with peers, and tests check hostile input against it.
 //! - `outbound.rs`: dialling and pinging the configured peers;
-//!   `peers.rs`: peer connection accounting; `text.rs`: peer bytes on their
-//!   way to a log.
+//!   `peers.rs`: peer connection accounting. Peer bytes reach a log only
+//!   through `crate::net::preview`.
 //!
 //! The peer side imports storage, telemetry and [`crate::net`]; none of
 //! them imports it, so it can change without touching them. As in
@@ -22,13 +22,12 @@
 
 mod budget;
 mod connection;
+mod conversation;
 mod handler;
 mod outbound;
 mod peers;
 pub mod protocol;
 mod server;
-mod session;
-mod text;
 
 pub use budget::{Budget, Reservation};
 pub use handler::{Decoded, Handler};

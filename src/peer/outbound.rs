@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::connection::{self, Connection, Frame, PeerStream};
 use super::peers::Peers;
 use super::protocol;
-use super::text::{preview, Throttle};
+use crate::net::preview;
+use crate::telemetry::Throttle;
 
 /// How outbound peers are kept alive.
 #[derive(Debug, Clone)]

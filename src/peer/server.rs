@@ -1,7 +1,7 @@
 //! The peer listener: admits connections (the allow-list, then the
 //! connection limit, evicting never-served connections first, see
 //! [`crate::net`], then the TLS handshake), and hands each admitted
-//! connection to its own task, where a [`Session`] serves it. As mini-redis's
+//! connection to its own task, where a [`Conversation`] serves it. As mini-redis's
 //! `Listener`, it owns nothing of a connection once it is handed over.
 
 use std::net::SocketAddr;
@@ -17,9 +17,9 @@ use tokio_util::task::TaskTracker;
 
 use super::budget::Budget;
 use super::connection::{self, Connection};
+use super::conversation::{Conversation, Shared, LOG_TARGET};
 use super::handler::Handler;
 use super::peers::Peers;
-use super::session::{Session, Shared, LOG_TARGET};
 use crate::net::{accept, allowed, Admission, Admitted, SocketBudget, Ticket};
 use crate::storage::Storage;
 use crate::telemetry::{sockets_full_alarm, DenyReason, Throttle};
@@ -121,7 +121,7 @@ impl<S: Storage> Server<S> {
             let Some(tls) = self.tls.clone() else {
                 let conn = shared.frame(Connection::tcp(stream, shared.max_line));
                 tracker.spawn(async move {
-                    Session::open(conn, remote, false, ticket, permit, shared)
+                    Conversation::open(conn, remote, false, ticket, permit, shared)
                         .run()
                         .await;
                 });
@@ -138,12 +138,12 @@ impl<S: Storage> Server<S> {
                 match stream {
                     Some(stream) => {
                         let conn = shared.frame(Connection::new(stream, shared.max_line));
-                        Session::open(conn, remote, true, ticket, permit, shared)
+                        Conversation::open(conn, remote, true, ticket, permit, shared)
                             .run()
                             .await;
                     }
                     // Its place first, then its socket's share, as a
-                    // session gives them back.
+                    // conversation gives them back.
                     None => drop((ticket, permit)),
                 }
             });

@@ -21,11 +21,11 @@ use tokio_rustls::TlsConnector;
 
 use super::wire;
 use crate::config::RemoteWrite;
+// The receiver is not ours: its bytes must not forge log lines.
+use crate::net::preview;
 
 /// Most bytes of an error answer read; a preview of them is logged.
 const MAX_ERROR_BODY: usize = 4096;
-/// Most bytes of an answer shown in a log line, escaped.
-const PREVIEW_BYTES: usize = 200;
 
 /// Why a request is tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,17 +267,6 @@ fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// At most [`PREVIEW_BYTES`] of a receiver's answer, escaped: the
-/// receiver is not ours, and its bytes must not forge log lines.
-fn preview(bytes: &[u8]) -> String {
-    let shown = &bytes[..bytes.len().min(PREVIEW_BYTES)];
-    let mut text = shown.escape_ascii().to_string();
-    if shown.len() < bytes.len() {
-        text.push_str(&format!("... ({} bytes)", bytes.len()));
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,11 +314,5 @@ mod tests {
         assert!(matches!(c(400), Outcome::Rejected { .. }));
         assert!(matches!(c(404), Outcome::Rejected { .. }));
         assert!(matches!(c(301), Outcome::Rejected { .. }));
-    }
-
-    #[test]
-    fn previews_escape_and_cut() {
-        assert_eq!(preview(b"bad\n\x1b[31m"), r"bad\n\x1b[31m");
-        assert!(preview(&[b'x'; 500]).ends_with("... (500 bytes)"));
     }
 }

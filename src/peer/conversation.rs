@@ -120,7 +120,7 @@ impl End {
 /// socket is closed first, then its place under the cap is given back,
 /// then the close is logged and the connection uncounted, and last its
 /// socket's share of the listener's budget is returned.
-pub(super) struct Session<S, T> {
+pub(super) struct Conversation<S, T> {
     /// The peer's stream, framed into lines.
     conn: Connection<T>,
     /// Its place under `network.max_connections`; says when a newcomer
@@ -142,7 +142,7 @@ pub(super) struct Session<S, T> {
     out: Vec<u8>,
 }
 
-impl<S: Storage, T: PeerStream> Session<S, T> {
+impl<S: Storage, T: PeerStream> Conversation<S, T> {
     /// Takes over an admitted connection; `tls` is for the log.
     pub(super) fn open(
         conn: Connection<T>,

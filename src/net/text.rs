@@ -1,22 +1,20 @@
-//! Peer-supplied bytes on their way to a log, and warnings a misbehaving
-//! peer could otherwise repeat without end.
+//! Bytes from the network on their way to a log: a peer's lines, a
+//! remote-write receiver's answers.
 //!
-//! A peer controls what it sends: written verbatim, its bytes could forge
-//! log lines, smuggle terminal escape sequences to whoever reads the log, or
-//! fill the disk (a peer answering with a 1 MiB line once produced 100 MB of
-//! log in 10 s). So only a short, escaped preview is ever logged, and
-//! repeated warnings about one peer are throttled.
+//! The other end controls what it sends: written verbatim, its bytes could
+//! forge log lines, smuggle terminal escape sequences to whoever reads the
+//! log, or fill the disk (a peer answering with a 1 MiB line once produced
+//! 100 MB of log in 10 s). So only a short, escaped preview is ever logged;
+//! repeated warnings go through `telemetry::Throttle`.
 
 use std::fmt::Write as _;
 
-pub(crate) use crate::telemetry::Throttle;
-
-/// Most bytes of peer input shown in a log line.
+/// Most bytes of remote input shown in a log line.
 pub(crate) const PREVIEW_BYTES: usize = 200;
 
 /// At most the first [`PREVIEW_BYTES`] of `bytes`, with everything but
 /// printable ASCII escaped (`\x1b`, `\n`, `\xff`, ...), and the total length
-/// when cut: safe to log whatever the peer sent.
+/// when cut: safe to log whatever the other end sent.
 pub(crate) fn preview(bytes: &[u8]) -> String {
     let shown = &bytes[..bytes.len().min(PREVIEW_BYTES)];
     let mut text = shown.escape_ascii().to_string();
